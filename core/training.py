@@ -1,0 +1,160 @@
+"""What every training loop shares: step-seeded batches, EMA, pickle-free resumable train state, log.jsonl.
+
+Loops draw all their randomness from generators seeded by (seed, step, rank), never from the
+global RNG, so a resumed run needs no RNG state and reaches the same weights as an
+uninterrupted one. That is why we save our own train state instead of `accelerator.save_state`,
+whose `load_state` unpickles RNG states and custom objects.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.utils.data import Sampler
+
+from .io import atomic_dir, atomic_save_tensors, atomic_write_json, load_tensors, read_json
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def step_seed(seed: int, step: int, rank: int = 0, stream: int = 0) -> int:
+    """A 63-bit seed for one (run seed, step, process, stream); distinct inputs give distinct seeds."""
+    h = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + rank * 0x94D049BB133111EB + stream * 0x2545F4914F6CDD1D)
+    return h % (2**63 - 1)
+
+
+def step_generator(seed: int, step: int, rank: int = 0, stream: int = 0, device="cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(step_seed(seed, step, rank, stream))
+
+
+class StepBatchSampler(Sampler):
+    """Batches for steps [start, total): epoch-wise permutations seeded by (seed, epoch), sharded by rank."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, total: int, rank: int = 0, world: int = 1):
+        if n <= 0:
+            raise ValueError("cannot draw batches from an empty dataset")
+        self.n, self.bs, self.seed, self.start, self.total = n, batch_size, seed, start, total
+        self.rank, self.world = rank, world
+
+    def __len__(self):
+        return max(0, self.total - self.start)
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        return torch.randperm(self.n, generator=step_generator(self.seed, epoch, stream=1))
+
+    def __iter__(self):
+        cache: dict[int, torch.Tensor] = {}
+        for step in range(self.start, self.total):
+            first = (step * self.world + self.rank) * self.bs
+            idx = []
+            for pos in range(first, first + self.bs):
+                epoch = pos // self.n
+                if epoch not in cache:
+                    cache.clear() if len(cache) > 2 else None
+                    cache[epoch] = self._perm(epoch)
+                idx.append(int(cache[epoch][pos % self.n]))
+            yield idx
+
+
+def step_batches(dataset, batch_size: int, seed: int, start: int, total: int, accelerator, num_workers: int = 0):
+    """DataLoader over `dataset` yielding this process's batch for each step in [start, total)."""
+    sampler = StepBatchSampler(len(dataset), batch_size, seed, start, total,
+                               accelerator.process_index, accelerator.num_processes)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                                       pin_memory=accelerator.device.type == "cuda")
+
+
+def make_ema(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model).requires_grad_(False).eval()
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model; buffers (BN statistics) are copied."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach().to(e.dtype), 1.0 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    root = Path(run_dir) / "checkpoints"
+    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name)] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def save_train_state(run_dir: str | Path, step: int, modules: dict[str, nn.Module], optimizer,
+                     lr_scheduler=None, keep: int = 2, extra: dict | None = None) -> Path:
+    """Atomically write checkpoints/step-N (safetensors modules, optimizer, state.json); keep the last `keep`."""
+    folder = Path(run_dir) / "checkpoints" / f"step-{step:08d}"
+    with atomic_dir(folder) as tmp:
+        for name, m in modules.items():
+            atomic_save_tensors(m.state_dict(), tmp / f"{name}.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        state = {"step": step, **(extra or {})}
+        if lr_scheduler is not None:
+            state["lr_scheduler"] = {k: v for k, v in lr_scheduler.state_dict().items() if _jsonable(v)}
+        atomic_write_json(tmp / "state.json", state)
+    for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def load_train_state(folder: str | Path, modules: dict[str, nn.Module], optimizer, lr_scheduler=None) -> dict:
+    """Restore what `save_train_state` wrote; returns state.json (holding "step")."""
+    folder = Path(folder)
+    state = read_json(folder / "state.json")
+    for name, m in modules.items():
+        m.load_state_dict(load_tensors(folder / f"{name}.safetensors"))
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+    if lr_scheduler is not None and "lr_scheduler" in state:
+        lr_scheduler.load_state_dict({**lr_scheduler.state_dict(), **state["lr_scheduler"]})
+    return state
+
+
+def _jsonable(v) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except TypeError:
+        return False
+
+
+class JsonlLog:
+    """Append-only `log.jsonl` of metric records, written by the main process only."""
+
+    def __init__(self, path: str | Path, enabled: bool = True):
+        self.path, self.enabled = Path(path), enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, **record) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def drop_after(self, step: int) -> None:
+        """On resume, forget records logged after the checkpoint we went back to."""
+        if self.enabled and self.path.is_file():
+            keep = [l for l in self.path.read_text().splitlines() if json.loads(l).get("step", 0) <= step]
+            from .io import atomic_write_text
+
+            atomic_write_text(self.path, "".join(l + "\n" for l in keep))
+
+
+def start_run(out: str | Path, resume: bool) -> tuple[Path, Path | None]:
+    """Check the run folder before any work: returns (folder, checkpoint to resume from or None)."""
+    out = Path(out)
+    ckpts = checkpoint_dirs(out)
+    if resume:
+        return out, (ckpts[-1] if ckpts else None)
+    if ckpts:
+        raise FileExistsError(f"{out} already holds a run (checkpoints/{ckpts[-1].name}); "
+                              "pass --resume to continue it or choose another --out")
+    return out, None

@@ -1,0 +1,200 @@
+"""The DiffPure teacher: a diffusers UNet2DModel trained with the DDPM objective (Ho et al., 2020)."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from core.config import save_config
+from core.datasets import load_dataset
+from core.io import atomic_write_json
+from core.training import (JsonlLog, ema_update, load_train_state, make_ema, save_train_state, start_run,
+                           step_batches, step_generator)
+from purify import DiffPure, VPSchedule
+from purify.denoisers import PREDICTION_TYPES
+
+
+@dataclass
+class UNetConfig:
+    """A diffusers UNet2DModel: one entry of block_out_channels and attention per resolution."""
+
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    attention: list[bool] = field(default_factory=lambda: [False, True, True])
+    layers_per_block: int = 1
+    norm_num_groups: int = 8
+    attention_head_dim: int | None = None
+    dropout: float = 0.0
+
+
+@dataclass
+class NoiseScheduleConfig:
+    """The DDPM noise schedule, stored as a diffusers DDPMScheduler config beside the UNet."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    prediction_type: str = "epsilon"
+
+
+@dataclass
+class TeacherConfig:
+    """Defaults are the embedded-digits teacher (configs/digits/teacher.yaml says the same)."""
+
+    dataset: str = "digits"
+    data_root: str | None = None
+    image_size: int | None = None
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    scheduler: NoiseScheduleConfig = field(default_factory=NoiseScheduleConfig)
+    t_max: float = 0.3  # train on t ~ U(0, t_max]: purification never needs the score above t_star
+    train_steps: int = 1200
+    batch_size: int = 128
+    lr: float = 0.001
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    ema_decay: float = 0.995
+    hflip: bool = False
+    mixed_precision: str = "no"
+    checkpoint_every: int = 400
+    keep_checkpoints: int = 2
+    log_every: int = 50
+    num_workers: int = 0
+    seed: int = 0
+    # the purifier written to OUT/purifier at the end
+    t_star: float = 0.1
+    purify_steps: int = 100
+    mode: str = "sde"
+
+
+def validate(cfg: TeacherConfig) -> None:
+    if not 0 < cfg.t_max <= 1:
+        raise ValueError(f"t_max must be in (0, 1], got {cfg.t_max}")
+    if cfg.t_star > cfg.t_max:
+        raise ValueError(f"t_star {cfg.t_star} lies above t_max {cfg.t_max}: the teacher would purify "
+                         "with a score it was never trained on")
+    if cfg.scheduler.prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"scheduler.prediction_type must be one of {', '.join(PREDICTION_TYPES)}")
+    if len(cfg.unet.attention) != len(cfg.unet.block_out_channels):
+        raise ValueError("unet.attention needs one flag per entry of unet.block_out_channels")
+    for name in ("train_steps", "batch_size", "grad_accum", "checkpoint_every", "purify_steps"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+
+
+def build_unet(u: UNetConfig, channels: int, image_size: int):
+    from diffusers import UNet2DModel
+
+    attn = list(u.attention)
+    return UNet2DModel(
+        sample_size=image_size, in_channels=channels, out_channels=channels,
+        block_out_channels=tuple(u.block_out_channels), layers_per_block=u.layers_per_block,
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+        norm_num_groups=u.norm_num_groups, attention_head_dim=u.attention_head_dim, dropout=u.dropout)
+
+
+def scheduler_config(s: NoiseScheduleConfig) -> dict:
+    return {"num_train_timesteps": s.num_train_timesteps, "beta_schedule": s.beta_schedule,
+            "beta_start": s.beta_start, "beta_end": s.beta_end, "prediction_type": s.prediction_type,
+            "clip_sample": False}
+
+
+def ddpm_loss(unet, x0, schedule: VPSchedule, k_max: int, prediction_type: str, g: torch.Generator):
+    """Simple DDPM loss on timesteps k ~ U{0..k_max-1}: MSE to the epsilon / v / x0 target."""
+    k = torch.randint(0, k_max, (x0.shape[0],), generator=g, device=g.device).to(x0.device)
+    ab = schedule.alphas_cumprod.to(x0.device)[k].view(-1, 1, 1, 1)
+    noise = torch.randn(x0.shape, generator=g, device=g.device).to(x0)
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+    target = {"epsilon": noise, "v_prediction": ab.sqrt() * noise - (1 - ab).sqrt() * x0, "sample": x0}
+    out = unet(x_t, k).sample
+    return F.mse_loss(out.float(), target[prediction_type].float())
+
+
+def train_teacher(cfg: TeacherConfig, out: str | Path, resume: bool = False) -> Path:
+    """Train the score network and write OUT/purifier (a DiffPure teacher); returns that folder."""
+    validate(cfg)
+    out, ckpt = start_run(out, resume)
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
+    ds, info = load_dataset(cfg.dataset, "train", root=cfg.data_root, image_size=cfg.image_size)
+    sched_cfg = scheduler_config(cfg.scheduler)
+    schedule = VPSchedule.from_scheduler_config(sched_cfg)
+    k_max = max(1, math.ceil(cfg.t_max * schedule.T))
+
+    torch.manual_seed(cfg.seed)  # weight init only; the loop uses step-seeded generators
+    unet = build_unet(cfg.unet, info.channels, info.image_size)
+    ema = make_ema(unet)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    step = 0
+    log = JsonlLog(out / "log.jsonl", acc.is_main_process)
+    if ckpt is not None:
+        step = load_train_state(ckpt, {"unet": unet, "ema": ema}, opt, lr_sched)["step"]
+        log.drop_after(step)
+        acc.print(f"resuming {out} from step {step}")
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    unet, opt = acc.prepare(unet, opt)
+    ema.to(acc.device)
+
+    ga = cfg.grad_accum
+    loader = step_batches(ds, cfg.batch_size, cfg.seed, step * ga, cfg.train_steps * ga, acc, cfg.num_workers)
+    bar = tqdm(total=cfg.train_steps, initial=step, desc="teacher", disable=not acc.is_main_process)
+    unet.train()
+    losses, t0, seen = [], time.perf_counter(), 0
+    for micro, (x, _) in enumerate(loader, start=step * ga):
+        g = step_generator(cfg.seed, micro, acc.process_index, device=acc.device)
+        x = x.to(acc.device, non_blocking=True) * 2 - 1
+        if cfg.hflip:
+            flip = torch.rand(x.shape[0], generator=g, device=g.device).to(x.device) < 0.5
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        with acc.accumulate(unet):
+            loss = ddpm_loss(unet, x, schedule, k_max, cfg.scheduler.prediction_type, g)
+            acc.backward(loss)
+            if acc.sync_gradients and cfg.grad_clip > 0:
+                acc.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+        seen += x.shape[0] * acc.num_processes
+        if not acc.sync_gradients:
+            continue
+        lr_sched.step()
+        step += 1
+        ema_update(ema, acc.unwrap_model(unet), min(cfg.ema_decay, (1 + step) / (10 + step)))
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.train_steps:
+            mean_loss = acc.gather(torch.stack(losses).mean().reshape(1)).mean().item()
+            rate = seen / (time.perf_counter() - t0)
+            log(step=step, loss=mean_loss, lr=lr_sched.get_last_lr()[0], images_per_s=rate)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.0f}")
+            losses = []
+        if step % cfg.checkpoint_every == 0 or step == cfg.train_steps:
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                save_train_state(out, step, {"unet": acc.unwrap_model(unet), "ema": ema}, opt, lr_sched,
+                                 keep=cfg.keep_checkpoints)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    acc.wait_for_everyone()
+    folder = out / "purifier"
+    if acc.is_main_process:
+        teacher = DiffPure(ema, sched_cfg, cfg.t_star, cfg.purify_steps, cfg.mode, seed=cfg.seed,
+                           source={"trained_by": "distill teacher", "run": str(out), "steps": cfg.train_steps,
+                                   "t_max": cfg.t_max, "dataset": cfg.dataset})
+        teacher.save(folder)
+        n_params = sum(p.numel() for p in ema.parameters())
+        atomic_write_json(out / "train.json", {"seconds": seconds, "images_per_s": seen / max(seconds, 1e-9),
+                                               "resumed_from": None if ckpt is None else str(ckpt.name),
+                                               "unet_parameters": n_params, "processes": acc.num_processes})
+    acc.wait_for_everyone()
+    return folder

@@ -1,0 +1,10 @@
+"""Inference only: VP schedule, denoisers, samplers, purifiers and `load_purifier`."""
+
+from .denoisers import UNetDenoiser
+from .loading import load_purifier, register_purifier
+from .purifier import DiffPure, Purifier, check_images
+from .samplers import SAMPLERS, ddim_step, ddpm_step, sample_ode, sample_sde
+from .schedule import VPSchedule
+
+__all__ = ["DiffPure", "Purifier", "SAMPLERS", "UNetDenoiser", "VPSchedule", "check_images", "ddim_step",
+           "ddpm_step", "load_purifier", "register_purifier", "sample_ode", "sample_sde"]

@@ -1,0 +1,52 @@
+"""Adapters from diffusers UNets to the one denoiser contract: denoise(x_t, t) -> x0_hat (in [-1, 1])."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from .schedule import VPSchedule
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def x0_from_output(out, x_t, alpha_bar, prediction_type: str):
+    """x0_hat from an epsilon-, v- or sample-predicting network output at x_t = a x0 + s eps."""
+    a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    if prediction_type == "epsilon":
+        return (x_t - s * out) / a
+    if prediction_type == "v_prediction":
+        return a * x_t - s * out
+    if prediction_type == "sample":
+        return out
+    raise ValueError(f"unknown prediction_type {prediction_type!r}; known: {', '.join(PREDICTION_TYPES)}")
+
+
+def eps_from_x0(x0, x_t, alpha_bar):
+    return (x_t - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
+
+
+class UNetDenoiser(nn.Module):
+    """denoise(x_t, t) for a diffusers UNet2DModel of any prediction type on a VP schedule."""
+
+    def __init__(self, unet: nn.Module, schedule: VPSchedule, prediction_type: str = "epsilon",
+                 clip_x0: bool = False, grad_checkpoint: bool = False):
+        super().__init__()
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"unknown prediction_type {prediction_type!r}; known: {', '.join(PREDICTION_TYPES)}")
+        self.unet, self.schedule = unet, schedule
+        self.prediction_type, self.clip_x0, self.grad_checkpoint = prediction_type, clip_x0, grad_checkpoint
+
+    def _denoise(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        ab = self.schedule.alpha_bar(t).to(x_t.dtype).view(-1, 1, 1, 1)
+        out = self.unet(x_t, self.schedule.timestep(t).to(x_t.device)).sample
+        x0 = x0_from_output(out.to(x_t.dtype), x_t, ab, self.prediction_type)
+        return x0.clamp(-1, 1) if self.clip_x0 else x0
+
+    def forward(self, x_t: torch.Tensor, t) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).expand(x_t.shape[0])
+        if self.grad_checkpoint and torch.is_grad_enabled():
+            # recompute the UNet in backward: full gradients through 100 steps fit in memory
+            return checkpoint(self._denoise, x_t, t, use_reentrant=False)
+        return self._denoise(x_t, t)

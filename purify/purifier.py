@@ -1,0 +1,143 @@
+"""Purifiers: [0, 1] NCHW images in, purified images of the same shape out, differentiably."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .denoisers import UNetDenoiser
+from .samplers import SAMPLERS, randn_like
+from .schedule import VPSchedule
+
+FORMAT_VERSION = 1
+
+
+def check_images(x, channels: int, image_size: tuple[int, int], who: str = "purifier") -> None:
+    """Raise ValueError naming the problem unless x is a float NCHW batch in [0, 1] of the right shape."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{who} expects a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{who} expects a 4-D NCHW batch, got shape {tuple(x.shape)}")
+    if x.shape[1] != channels:
+        raise ValueError(f"{who} expects {channels} channel(s), got shape {tuple(x.shape)} (NCHW)")
+    if tuple(x.shape[2:]) != tuple(image_size):
+        raise ValueError(f"{who} expects {image_size[0]}x{image_size[1]} images, got {x.shape[2]}x{x.shape[3]}")
+    if not x.is_floating_point():
+        raise ValueError(f"{who} expects float pixels in [0, 1], got dtype {x.dtype}")
+    if x.numel() == 0:
+        raise ValueError(f"{who} got an empty batch")
+    bad = (~torch.isfinite(x)).sum().item()
+    if bad:
+        raise ValueError(f"{who} input holds {bad} NaN or Inf value(s)")
+    lo, hi = x.min().item(), x.max().item()
+    if lo < -1e-6 or hi > 1 + 1e-6:
+        raise ValueError(f"{who} expects pixels in [0, 1], got values in [{lo:.4g}, {hi:.4g}] "
+                         "(images in [-1, 1] or 0..255 must be rescaled first)")
+
+
+class Purifier(nn.Module):
+    """What every purifier shares: input checks, its own seeded noise, `nfe`, `save`."""
+
+    kind = "purifier"
+
+    def __init__(self, channels: int, image_size: tuple[int, int], seed: int = 0):
+        super().__init__()
+        self.channels, self.image_size = channels, tuple(image_size)
+        self.manual_seed(seed)
+
+    def manual_seed(self, seed: int) -> "Purifier":
+        """Reseed the purifier's own generator: the same seed gives the same purifications again."""
+        self.seed = int(seed)
+        self._generators: dict[str, torch.Generator] = {}
+        return self
+
+    def generator(self, device) -> torch.Generator:
+        device = torch.device(device)
+        key = str(device)
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[key]
+
+    @property
+    def nfe(self) -> int:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_images(x, self.channels, self.image_size, who=type(self).__name__)
+        x = x.clamp(0, 1)
+        out = self.purify(x * 2 - 1, self.generator(x.device))
+        return ((out + 1) / 2).clamp(0, 1)
+
+    def purify(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """x in [-1, 1] -> purified x in [-1, 1]."""
+        raise NotImplementedError
+
+
+class DiffPure(Purifier):
+    """DiffPure (Nie et al., ICML 2022): diffuse to t_star, then solve the reverse SDE (or ODE) to t = 0."""
+
+    kind = "diffpure"
+
+    def __init__(self, unet: nn.Module, scheduler_config: dict, t_star: float = 0.1, steps: int = 100,
+                 mode: str = "sde", prediction_type: str | None = None, clip_x0: bool = False,
+                 seed: int = 0, source: dict | None = None):
+        cfg = unet.config
+        size = cfg.sample_size if isinstance(cfg.sample_size, (tuple, list)) else (cfg.sample_size,) * 2
+        super().__init__(cfg.in_channels, size, seed)
+        if not 0 < float(t_star) <= 1:
+            raise ValueError(f"t_star must be in (0, 1], got {t_star}")
+        if int(steps) != steps or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps}")
+        if mode not in SAMPLERS:
+            raise ValueError(f"unknown mode {mode!r}; known: {', '.join(SAMPLERS)}")
+        self.schedule = VPSchedule.from_scheduler_config(scheduler_config)
+        prediction_type = prediction_type or scheduler_config.get("prediction_type", "epsilon")
+        self.denoiser = UNetDenoiser(unet, self.schedule, prediction_type, clip_x0)
+        self.t_star, self.steps, self.mode = float(t_star), int(steps), mode
+        self.source = dict(source or {})
+        self.eval().requires_grad_(False)
+
+    @property
+    def unet(self) -> nn.Module:
+        return self.denoiser.unet
+
+    @property
+    def nfe(self) -> int:
+        return self.steps
+
+    @property
+    def times(self) -> torch.Tensor:
+        return torch.linspace(self.t_star, 0.0, self.steps + 1, dtype=torch.float64)
+
+    def set_grad_checkpoint(self, enabled: bool = True) -> "DiffPure":
+        """Recompute each UNet call in backward so that full gradients through every step fit in memory."""
+        self.denoiser.grad_checkpoint = enabled
+        return self
+
+    def diffuse(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Sample x_{t_star} ~ q(x_t | x_0) = N(sqrt(alpha_bar) x_0, (1 - alpha_bar) I)."""
+        ab = self.schedule.alpha_bar(torch.tensor(self.t_star, dtype=torch.float64)).item()
+        return math.sqrt(ab) * x + math.sqrt(1 - ab) * randn_like(x, generator)
+
+    def purify(self, x, generator):
+        times = self.times.to(x.device)
+        return SAMPLERS[self.mode](self.denoiser, self.diffuse(x, generator), times, generator)
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "format_version": FORMAT_VERSION, "t_star": self.t_star, "steps": self.steps,
+                "mode": self.mode, "sampler": {"sde": "ddpm-ancestral", "ode": "ddim"}[self.mode],
+                "parameterization": self.denoiser.prediction_type, "clip_x0": self.denoiser.clip_x0,
+                "seed": self.seed, "nfe": self.nfe, "channels": self.channels, "image_size": list(self.image_size),
+                "schedule": self.schedule.config, "source": self.source}
+
+    def save(self, folder: str | Path) -> Path:
+        """Write purifier.json + the UNet in diffusers format + scheduler_config.json, atomically."""
+        from .loading import save_purifier_folder
+
+        return save_purifier_folder(self, folder)
+
+    def extra_repr(self) -> str:
+        return f"t_star={self.t_star}, steps={self.steps}, mode={self.mode!r}, nfe={self.nfe}"

@@ -1,0 +1,51 @@
+"""Reverse-time samplers over [t_star, 0] as plain functions of (denoiser, x, times, generator)."""
+
+from __future__ import annotations
+
+import torch
+
+from .denoisers import eps_from_x0
+
+
+def ddpm_step(x_t, x0, ab_t, ab_s, noise=None):
+    """One ancestral step t -> s < t: a draw from the DDPM posterior q(x_s | x_t, x0_hat)."""
+    alpha_ts = ab_t / ab_s
+    mean = (ab_s.sqrt() * (1 - alpha_ts) * x0 + alpha_ts.sqrt() * (1 - ab_s) * x_t) / (1 - ab_t)
+    if noise is None:
+        return mean
+    var = ((1 - ab_s) / (1 - ab_t) * (1 - alpha_ts)).clamp(min=1e-20)
+    return mean + var.sqrt() * noise
+
+
+def ddim_step(x_t, x0, ab_t, ab_s):
+    """One deterministic DDIM step t -> s (eta = 0): the probability-flow ODE's exponential integrator."""
+    return ab_s.sqrt() * x0 + (1 - ab_s).sqrt() * eps_from_x0(x0, x_t, ab_t)
+
+
+def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Gaussian noise from `generator` (never the global RNG when one is given)."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
+def _pairs(denoiser, times: torch.Tensor):
+    ab = denoiser.schedule.alpha_bar(times.double()).float()
+    return [(times[i], times[i + 1], ab[i], ab[i + 1]) for i in range(len(times) - 1)]
+
+
+def sample_sde(denoiser, x: torch.Tensor, times: torch.Tensor, generator: torch.Generator | None = None):
+    """Reverse VP-SDE solved by DDPM ancestral steps (DiffPure's solver on the DDPM grid)."""
+    for t, _, ab_t, ab_s in _pairs(denoiser, times):
+        x0 = denoiser(x, t)
+        x = ddpm_step(x, x0, ab_t.to(x), ab_s.to(x), randn_like(x, generator) if ab_s < 1 else None)
+    return x
+
+
+def sample_ode(denoiser, x: torch.Tensor, times: torch.Tensor, generator: torch.Generator | None = None):
+    """Probability-flow ODE solved by DDIM steps; deterministic given x."""
+    for t, _, ab_t, ab_s in _pairs(denoiser, times):
+        x = ddim_step(x, denoiser(x, t), ab_t.to(x), ab_s.to(x))
+    return x
+
+
+SAMPLERS = {"sde": sample_sde, "ode": sample_ode}

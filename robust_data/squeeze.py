@@ -1,0 +1,157 @@
+"""SRe2L's squeeze stage (Yin et al., NeurIPS 2023): train the classifier that recover and relabel use."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from core.checkpoint import save_classifier
+from core.config import save_config
+from core.datasets import load_dataset, to_tensors
+from core.io import atomic_write_json
+from core.models import build_classifier, classifier_config_for
+from core.training import (JsonlLog, load_train_state, save_train_state, start_run, step_batches,
+                           step_generator)
+
+from .objectives import get_objective
+
+
+@dataclass
+class SqueezeConfig:
+    """Defaults are the embedded-digits classifier (configs/digits/squeeze.yaml says the same)."""
+
+    dataset: str = "digits"
+    data_root: str | None = None
+    image_size: int | None = None
+    arch: str = "convnet-bn"
+    width: int = 64
+    depth: int = 3
+    objective: str = "ce"
+    label_smoothing: float = 0.0
+    epochs: float = 30.0
+    batch_size: int = 128
+    optimizer: str = "adamw"  # or sgd (momentum 0.9, nesterov)
+    lr: float = 0.002
+    weight_decay: float = 0.0005
+    warmup_steps: int = 0
+    crop_padding: int = 2  # random translation by up to this many pixels (0: none)
+    hflip: bool = False
+    grad_accum: int = 1
+    mixed_precision: str = "no"
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 50
+    eval_batch_size: int = 512
+    num_workers: int = 0
+    seed: int = 0
+
+
+def augment(x: torch.Tensor, padding: int, hflip: bool, g: torch.Generator) -> torch.Tensor:
+    """Random translation (pad-and-crop, reflect padding) and optional horizontal flip, per example."""
+    n, _, h, w = x.shape
+    if padding > 0:
+        xp = F.pad(x, (padding,) * 4, mode="reflect")
+        dx, dy = (torch.randint(0, 2 * padding + 1, (2, n), generator=g, device=g.device).cpu().tolist())
+        x = torch.stack([xp[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+    if hflip:
+        flip = (torch.rand(n, generator=g, device=g.device) < 0.5).to(x.device)
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+    return x
+
+
+@torch.inference_mode()
+def accuracy(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512, device="cpu") -> float:
+    """Top-1 accuracy of `model` on tensors (x, y)."""
+    was_training = model.training
+    model.eval()
+    correct = sum((model(x[i:i + batch_size].to(device)).argmax(1).cpu() == y[i:i + batch_size]).sum().item()
+                  for i in range(0, len(x), batch_size))
+    model.train(was_training)
+    return correct / max(1, len(x))
+
+
+def train_squeeze(cfg: SqueezeConfig, out: str | Path, resume: bool = False) -> Path:
+    """Train the squeezed classifier with `cfg.objective`; writes OUT/classifier and returns it."""
+    objective = get_objective(cfg.objective)
+    if cfg.optimizer not in ("adamw", "sgd"):
+        raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {cfg.optimizer!r}")
+    out, ckpt = start_run(out, resume)
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
+    train, info = load_dataset(cfg.dataset, "train", root=cfg.data_root, image_size=cfg.image_size)
+    test, _ = load_dataset(cfg.dataset, "test", root=cfg.data_root, image_size=cfg.image_size)
+    mcfg = classifier_config_for(info, cfg.arch, width=cfg.width, depth=cfg.depth)
+    total = max(1, math.ceil(cfg.epochs * len(train) / (cfg.batch_size * cfg.grad_accum * acc.num_processes)))
+
+    torch.manual_seed(cfg.seed)
+    model = build_classifier(mcfg)
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True,
+                              weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warm = max(1, cfg.warmup_steps)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(math.pi * min(s, total) / total))))
+    step = 0
+    log = JsonlLog(out / "log.jsonl", acc.is_main_process)
+    if ckpt is not None:
+        step = load_train_state(ckpt, {"model": model}, opt, lr_sched)["step"]
+        log.drop_after(step)
+        acc.print(f"resuming {out} from step {step}")
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    model, opt = acc.prepare(model, opt)
+
+    ga = cfg.grad_accum
+    loader = step_batches(train, cfg.batch_size, cfg.seed, step * ga, total * ga, acc, cfg.num_workers)
+    bar = tqdm(total=total, initial=step, desc=f"squeeze ({cfg.objective})", disable=not acc.is_main_process)
+    model.train()
+    t0, records = time.perf_counter(), []
+    for micro, (x, y) in enumerate(loader, start=step * ga):
+        g = step_generator(cfg.seed, micro, acc.process_index, device=acc.device)
+        x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
+        x = augment(x, cfg.crop_padding, cfg.hflip, g)
+        with acc.accumulate(model):
+            loss, stats = objective(model, x, y, label_smoothing=cfg.label_smoothing)
+            acc.backward(loss)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        records.append(torch.stack([loss.detach(), stats["acc"]]))
+        if not acc.sync_gradients:
+            continue
+        lr_sched.step()
+        step += 1
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == total:
+            loss_m, acc_m = acc.gather(torch.stack(records).mean(0, keepdim=True)).mean(0).tolist()
+            log(step=step, loss=loss_m, train_acc=acc_m, lr=lr_sched.get_last_lr()[0])
+            bar.set_postfix(loss=f"{loss_m:.3f}", acc=f"{acc_m:.3f}")
+            records = []
+        if step % cfg.checkpoint_every == 0 or step == total:
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                save_train_state(out, step, {"model": acc.unwrap_model(model)}, opt, lr_sched,
+                                 keep=cfg.keep_checkpoints)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    acc.wait_for_everyone()
+    folder = out / "classifier"
+    if acc.is_main_process:
+        net = acc.unwrap_model(model)
+        x_test, y_test = to_tensors(test)
+        test_acc = accuracy(net, x_test, y_test, cfg.eval_batch_size, acc.device)
+        meta = {"test_accuracy": test_acc, "test_examples": len(y_test), "objective": cfg.objective,
+                "dataset": cfg.dataset, "train_steps": total, "train_seconds": seconds, "run": str(out)}
+        save_classifier(net, folder, mcfg, meta)
+        atomic_write_json(out / "train.json", meta)
+        acc.print(f"test accuracy {test_acc:.4f} on {len(y_test)} {cfg.dataset} test images")
+    acc.wait_for_everyone()
+    return folder
