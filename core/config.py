@@ -113,5 +113,10 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
     return from_dict(cls, _merge(_merge(base, data), parse_overrides(overrides or [])))
 
 
+def replace(cfg, changes: dict):
+    """A copy of dataclass `cfg` with nested `changes` merged in, validated like a loaded config."""
+    return from_dict(type(cfg), _merge(to_dict(cfg), changes))
+
+
 def save_config(cfg, path: str | Path) -> None:
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -158,3 +158,13 @@ def start_run(out: str | Path, resume: bool) -> tuple[Path, Path | None]:
         raise FileExistsError(f"{out} already holds a run (checkpoints/{ckpts[-1].name}); "
                               "pass --resume to continue it or choose another --out")
     return out, None
+
+
+def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1):
+    """An Accelerator; under `accelerate launch --multi_gpu` on a machine without CUDA it runs DDP on CPUs (gloo)."""
+    import os
+
+    from accelerate import Accelerator
+
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum, cpu=multi_cpu)

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from core.config import save_config
 from core.datasets import load_dataset
 from core.io import atomic_write_json
-from core.training import (JsonlLog, ema_update, load_train_state, make_ema, save_train_state, start_run,
+from core.training import (JsonlLog, make_accelerator, ema_update, load_train_state, make_ema, save_train_state, start_run,
                            step_batches, step_generator)
 from purify import DiffPure, VPSchedule
 from purify.denoisers import PREDICTION_TYPES
@@ -123,7 +122,7 @@ def train_teacher(cfg: TeacherConfig, out: str | Path, resume: bool = False) -> 
     """Train the score network and write OUT/purifier (a DiffPure teacher); returns that folder."""
     validate(cfg)
     out, ckpt = start_run(out, resume)
-    acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
+    acc = make_accelerator(cfg.mixed_precision, cfg.grad_accum)
     ds, info = load_dataset(cfg.dataset, "train", root=cfg.data_root, image_size=cfg.image_size)
     sched_cfg = scheduler_config(cfg.scheduler)
     schedule = VPSchedule.from_scheduler_config(sched_cfg)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from core.checkpoint import load_classifier
-from core.config import to_dict
+from core.config import replace, to_dict
 from core.datasets import load_dataset, to_tensors
 from core.io import atomic_write_json, atomic_write_text, read_json
 from core.training import checkpoint_dirs
@@ -39,10 +38,6 @@ def _stage(name: str, cfg, out: Path, train_fn, product: str) -> Path:
     return train_fn(cfg, folder, resume=bool(checkpoint_dirs(folder)))
 
 
-def _apply(cfg, changes: dict):
-    return dataclasses.replace(cfg, **changes)
-
-
 def pgd(model, x, y, eps: float, steps: int, seed: int = 0):
     """torchattacks PGD (Madry et al.) with a random start, step 2.5 eps / steps."""
     import torchattacks
@@ -58,13 +53,17 @@ def purify_all(purifier, x: torch.Tensor, batch_size: int = 64, desc: str = "pur
 
 
 def quickstart(out: str | Path = "runs/quickstart", fast: bool = False, n_eval: int | None = None,
-               pgd_steps: int = 40) -> dict:
-    """Train (or reuse) the digits classifier and teacher, purify the test set, write report.{md,json} + PNGs."""
+               pgd_steps: int = 40, budget: dict | None = None) -> dict:
+    """Train (or reuse) the digits classifier and teacher, purify the test set, write report.{md,json} + PNGs.
+
+    `budget` ({"squeeze": {...}, "teacher": {...}} config changes) replaces the --fast budget.
+    """
     out = Path(out)
     t_start = time.perf_counter()
-    squeeze_cfg, teacher_cfg = SqueezeConfig(), TeacherConfig()
+    budget = budget if budget is not None else (FAST if fast else {})
+    squeeze_cfg = replace(SqueezeConfig(), budget.get("squeeze", {}))
+    teacher_cfg = replace(TeacherConfig(), budget.get("teacher", {}))
     if fast:
-        squeeze_cfg, teacher_cfg = _apply(squeeze_cfg, FAST["squeeze"]), _apply(teacher_cfg, FAST["teacher"])
         n_eval = n_eval or 128
     print("stage 1/3: the standard classifier (squeeze, cross-entropy)")
     clf_dir = _stage("classifier", squeeze_cfg, out, train_squeeze, "classifier")

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from core.checkpoint import save_classifier
@@ -17,7 +16,7 @@ from core.config import save_config
 from core.datasets import load_dataset, to_tensors
 from core.io import atomic_write_json
 from core.models import build_classifier, classifier_config_for
-from core.training import (JsonlLog, load_train_state, save_train_state, start_run, step_batches,
+from core.training import (JsonlLog, make_accelerator, load_train_state, save_train_state, start_run, step_batches,
                            step_generator)
 
 from .objectives import get_objective
@@ -83,7 +82,7 @@ def train_squeeze(cfg: SqueezeConfig, out: str | Path, resume: bool = False) -> 
     if cfg.optimizer not in ("adamw", "sgd"):
         raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {cfg.optimizer!r}")
     out, ckpt = start_run(out, resume)
-    acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
+    acc = make_accelerator(cfg.mixed_precision, cfg.grad_accum)
     train, info = load_dataset(cfg.dataset, "train", root=cfg.data_root, image_size=cfg.image_size)
     test, _ = load_dataset(cfg.dataset, "test", root=cfg.data_root, image_size=cfg.image_size)
     mcfg = classifier_config_for(info, cfg.arch, width=cfg.width, depth=cfg.depth)

@@ -1,0 +1,118 @@
+"""core: the embedded dataset, classifiers, configs, checkpoint I/O and step-seeded batches."""
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from core import (ClassifierConfig, ConfigError, build_classifier, dataset_info, load_classifier, load_config,
+                  load_dataset, save_classifier, save_config)
+from core.training import StepBatchSampler
+
+
+def test_digits_is_embedded_fixed_and_in_range():
+    train, info = load_dataset("digits", "train")
+    test, _ = load_dataset("digits", "test")
+    x, y = train.tensors
+    assert (info.channels, info.image_size, info.num_classes) == (1, 16, 10)
+    assert x.shape == (1438, 1, 16, 16) and len(test) == 359
+    assert x.dtype == torch.float32 and x.min() >= 0 and x.max() <= 1
+    assert set(y.tolist()) == set(range(10))
+    assert torch.equal(load_dataset("digits", "test")[0].tensors[0], test.tensors[0])
+    assert load_dataset("digits", "test", image_size=8)[0].tensors[0].shape[-1] == 8
+
+
+def test_unknown_dataset_and_missing_folder_say_what_to_do(tmp_path):
+    with pytest.raises(ValueError, match="known datasets"):
+        load_dataset("mnist")
+    with pytest.raises(FileNotFoundError, match="unzip ../shared/data/cifar10-test-jpeg.zip"):
+        load_dataset("cifar10-jpeg", "test", root=tmp_path)
+    with pytest.raises(FileNotFoundError, match="download=True"):
+        load_dataset("cifar10", "test", root=tmp_path)
+
+
+def test_imagefolder_preset_reads_class_folders(tmp_path):
+    from PIL import Image
+
+    for c, name in enumerate(["airplane", "bird"]):
+        (tmp_path / "cifar10" / "test" / name).mkdir(parents=True)
+        Image.new("RGB", (32, 32), (255 * c, 0, 0)).save(tmp_path / "cifar10" / "test" / name / "0000.jpg")
+    ds, info = load_dataset("cifar10-jpeg", "test", root=tmp_path / "cifar10")
+    x, y = ds[1]
+    assert x.shape == (3, 32, 32) and 0 <= x.min() and x.max() <= 1 and y == 1 and info.num_classes == 10
+
+
+@pytest.mark.parametrize("arch, channels, size", [
+    ("convnet", 1, 16), ("convnet-bn", 3, 32), ("resnet18", 3, 32), ("resnet18-imagenet", 3, 64),
+    ("wrn-10-2", 3, 32),
+])
+def test_classifiers_take_unit_range_inputs(arch, channels, size):
+    cfg = ClassifierConfig(arch=arch, in_channels=channels, num_classes=7, image_size=size,
+                           mean=[0.5] * channels, std=[0.25] * channels, width=16)
+    model = build_classifier(cfg).eval()
+    assert model(torch.rand(2, channels, size, size)).shape == (2, 7)
+    # normalisation is inside: a constant mean-valued image reaches the network as zeros
+    seen = []
+    model.net.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    model(torch.full((1, channels, size, size), 0.5))
+    assert seen[0].abs().max() == 0
+
+
+def test_wrn_28_10_is_diffpures_classifier_size():
+    cfg = ClassifierConfig(arch="wrn-28-10", in_channels=3, image_size=32, mean=[0.5] * 3, std=[0.5] * 3)
+    assert 36.4e6 < sum(p.numel() for p in build_classifier(cfg).parameters()) < 36.6e6
+
+
+def test_classifier_round_trip(tmp_path):
+    cfg = ClassifierConfig(arch="convnet-bn", width=8)
+    model = build_classifier(cfg).eval()
+    model.net.features[1].running_mean.fill_(0.3)
+    save_classifier(model, tmp_path / "clf", cfg, meta={"test_accuracy": 0.5})
+    loaded = load_classifier(tmp_path / "clf")
+    x = torch.rand(3, 1, 16, 16)
+    assert torch.equal(loaded(x), model(x))
+    assert sorted(p.name for p in (tmp_path / "clf").iterdir()) == ["config.json", "meta.json", "model.safetensors"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+@dataclass
+class Inner:
+    width: int = 4
+    channels: list[int] = field(default_factory=lambda: [8, 16])
+
+
+@dataclass
+class Outer:
+    lr: float = 0.1
+    name: str = "a"
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_config_yaml_overrides_and_strict_keys(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1e-3\ninner:\n  width: 8\n")
+    cfg = load_config(Outer, path, ["name=b", "inner.channels=[1, 2]"])
+    assert cfg == Outer(lr=0.001, name="b", inner=Inner(width=8, channels=[1, 2]))
+    with pytest.raises(ConfigError, match="unknown config key inner.wdith .*valid keys: inner.channels, inner.width"):
+        load_config(Outer, path, ["inner.wdith=3"])
+    with pytest.raises(ConfigError, match="unknown config key lrr.*valid keys: inner, lr, name"):
+        load_config(Outer, None, ["lrr=3"])
+    with pytest.raises(ConfigError, match="lr must be float"):
+        load_config(Outer, None, ["lr=fast"])
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(Outer, tmp_path / "resolved.yaml") == cfg
+
+
+def test_step_batches_resume_exactly_and_shard_by_rank():
+    full = list(StepBatchSampler(50, 8, seed=3, start=0, total=20))
+    resumed = list(StepBatchSampler(50, 8, seed=3, start=12, total=20))
+    assert resumed == full[12:]
+    first_epoch = [i for b in full for i in b][:50]
+    assert sorted(first_epoch) == list(range(50))  # an epoch sees every example once
+    r0 = [i for b in StepBatchSampler(50, 5, 3, 0, 5, rank=0, world=2) for i in b]
+    r1 = [i for b in StepBatchSampler(50, 5, 3, 0, 5, rank=1, world=2) for i in b]
+    assert not set(r0) & set(r1) and len(set(r0 + r1)) == 50
+
+
+def test_dataset_info_presets():
+    assert dataset_info("imagenet").image_size == 224 and dataset_info("tiny-imagenet").num_classes == 200
