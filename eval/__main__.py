@@ -1,4 +1,5 @@
-"""python -m eval quickstart [--fast] [--out DIR]"""
+"""python -m eval quickstart [--fast] [--out DIR]
+python -m eval accuracy --purifier DIR --classifier DIR [--n N]"""
 
 import argparse
 
@@ -13,7 +14,23 @@ def main(argv=None):
     q = sub.add_parser("quickstart", help="the main job on the embedded digits: train, purify, report")
     q.add_argument("--fast", action="store_true", help="tiny budgets (about 3 minutes): a smoke run, not results")
     q.add_argument("--out", default=None, help="run folder (default runs/quickstart, or runs/quickstart-fast)")
+    a = sub.add_parser("accuracy", help="clean accuracy bare and through a purifier, and seconds per batch")
+    a.add_argument("--purifier", required=True)
+    a.add_argument("--classifier", required=True)
+    a.add_argument("--dataset", default="digits")
+    a.add_argument("--data-root", default=None)
+    a.add_argument("--n", type=int, default=None, help="test examples (default: all)")
+    a.add_argument("--batch-size", type=int, default=64)
+    a.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.command == "accuracy":
+        import json
+
+        from .accuracy import purified_accuracy
+
+        r = run_or_exit(purified_accuracy, args.purifier, args.classifier, args.dataset, args.n,
+                        args.batch_size, args.seed, args.data_root)
+        print(json.dumps(r, indent=2))
     if args.command == "quickstart":
         out = args.out or ("runs/quickstart-fast" if args.fast else "runs/quickstart")
         run_or_exit(quickstart, out, fast=args.fast)
