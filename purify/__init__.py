@@ -5,6 +5,7 @@ from .loading import load_purifier, register_purifier
 from .purifier import DiffPure, Purifier, check_images
 from .samplers import SAMPLERS, ddim_step, ddpm_step, sample_ode, sample_sde
 from .schedule import VPSchedule
+from .students import ConsistencyDenoiser, ConsistencyStudent, ProgressiveStudent, sample_consistency
 
-__all__ = ["DiffPure", "Purifier", "SAMPLERS", "UNetDenoiser", "VPSchedule", "check_images", "ddim_step",
+__all__ = ["ConsistencyDenoiser", "ConsistencyStudent", "DiffPure", "ProgressiveStudent", "sample_consistency", "Purifier", "SAMPLERS", "UNetDenoiser", "VPSchedule", "check_images", "ddim_step",
            "ddpm_step", "load_purifier", "register_purifier", "sample_ode", "sample_sde"]

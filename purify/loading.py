@@ -8,6 +8,7 @@ from pathlib import Path
 from core.io import atomic_dir, atomic_write_json, read_json, refuse_pickle
 
 from .purifier import FORMAT_VERSION, DiffPure
+from .students import ConsistencyStudent, ProgressiveStudent
 
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 OVERRIDABLE = ("t_star", "steps", "mode", "seed")
@@ -110,12 +111,21 @@ def load_unet_and_schedule(folder: Path) -> tuple:
     return _load_unet(folder), sched
 
 
-def _diffpure(folder: Path, meta: dict, overrides: dict) -> DiffPure:
-    keys = dict(t_star=meta["t_star"], steps=meta["steps"], mode=meta["mode"], seed=meta.get("seed", 0))
-    keys.update(overrides)
-    unet, sched = load_unet_and_schedule(folder)
-    return DiffPure(unet, sched, prediction_type=meta.get("parameterization"),
-                    clip_x0=meta.get("clip_x0", False), source=meta.get("source"), **keys)
+def _family_loader(cls):
+    """Loader for DiffPure and its students: purifier.json gives the constructor's arguments."""
+
+    def load(folder: Path, meta: dict, overrides: dict):
+        keys = dict(t_star=meta["t_star"], steps=meta["steps"], mode=meta["mode"], seed=meta.get("seed", 0),
+                    prediction_type=meta.get("parameterization"), clip_x0=meta.get("clip_x0", False),
+                    source=meta.get("source"))
+        if "consistency" in meta:
+            keys["consistency"] = meta["consistency"]
+        keys.update(overrides)
+        unet, sched = load_unet_and_schedule(folder)
+        return cls(unet, sched, **keys)
+
+    return load
 
 
-register_purifier("diffpure", _diffpure)
+for _cls in (DiffPure, ProgressiveStudent, ConsistencyStudent):
+    register_purifier(_cls.kind, _family_loader(_cls))

@@ -101,8 +101,13 @@ class DiffPure(Purifier):
         self.eval().requires_grad_(False)
 
     @property
+    def x0_net(self) -> UNetDenoiser:
+        """The UNet's x0 predictor (students may wrap it in `denoiser`)."""
+        return self.denoiser
+
+    @property
     def unet(self) -> nn.Module:
-        return self.denoiser.unet
+        return self.x0_net.unet
 
     @property
     def nfe(self) -> int:
@@ -114,7 +119,7 @@ class DiffPure(Purifier):
 
     def set_grad_checkpoint(self, enabled: bool = True) -> "DiffPure":
         """Recompute each UNet call in backward so that full gradients through every step fit in memory."""
-        self.denoiser.grad_checkpoint = enabled
+        self.x0_net.grad_checkpoint = enabled
         return self
 
     def diffuse(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -128,8 +133,8 @@ class DiffPure(Purifier):
 
     def config(self) -> dict:
         return {"kind": self.kind, "format_version": FORMAT_VERSION, "t_star": self.t_star, "steps": self.steps,
-                "mode": self.mode, "sampler": {"sde": "ddpm-ancestral", "ode": "ddim"}[self.mode],
-                "parameterization": self.denoiser.prediction_type, "clip_x0": self.denoiser.clip_x0,
+                "mode": self.mode, "sampler": {"sde": "ddpm-ancestral", "ode": "ddim"}.get(self.mode, self.mode),
+                "parameterization": self.x0_net.prediction_type, "clip_x0": self.x0_net.clip_x0,
                 "seed": self.seed, "nfe": self.nfe, "channels": self.channels, "image_size": list(self.image_size),
                 "schedule": self.schedule.config, "source": self.source}
 

@@ -22,6 +22,22 @@ def ddim_step(x_t, x0, ab_t, ab_s):
     return ab_s.sqrt() * x0 + (1 - ab_s).sqrt() * eps_from_x0(x0, x_t, ab_t)
 
 
+def heun_step(denoiser, x_t, t, s, ab_t, ab_s):
+    """One Heun (2nd-order) step t -> s of the probability-flow ODE, in the scaled variables x / alpha and
+    sigma / alpha where the ODE reads dx/dsigma = eps_hat (Karras et al., 2022); Euler there is DDIM.
+    Steps that end at sigma = 0 stay first order, as in EDM."""
+    sig_t, sig_s = ((1 - ab_t) / ab_t).sqrt(), ((1 - ab_s) / ab_s).sqrt()
+    y = x_t / ab_t.sqrt()
+    d1 = eps_from_x0(denoiser(x_t, t), x_t, ab_t)
+    y_euler = y + (sig_s - sig_t) * d1
+    x_euler = y_euler * ab_s.sqrt()
+    last = ab_s >= 1
+    ab_safe = torch.where(last, torch.full_like(ab_s, 0.5), ab_s)  # keeps the unused branch finite
+    d2 = eps_from_x0(denoiser(x_euler, s), x_euler, ab_safe)
+    x_heun = (y + (sig_s - sig_t) * (d1 + d2) / 2) * ab_s.sqrt()
+    return torch.where(last, x_euler, x_heun)
+
+
 def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Gaussian noise from `generator` (never the global RNG when one is given)."""
     device = generator.device if generator is not None else x.device

@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
-from purify import DiffPure
+from purify import ConsistencyStudent, DiffPure, ProgressiveStudent
 
 
 def tiny_unet(channels: int = 1, size: int = 8, seed: int = 0) -> UNet2DModel:
@@ -41,6 +41,11 @@ PURIFIER_KINDS = {
     "diffpure-ode": lambda tmp_path: tiny_diffpure("ode"),
     "diffpure-100-steps": lambda tmp_path: tiny_diffpure("sde", steps=100),
     "diffpure-from-bare-unet": _bare_unet_teacher,
+    "progressive-1": lambda tmp_path: ProgressiveStudent(tiny_unet(), scheduler_config(), 0.1, 1),
+    "progressive-4-x": lambda tmp_path: ProgressiveStudent(tiny_unet(), scheduler_config(), 0.1, 4,
+                                                           prediction_type="sample"),
+    "consistency-1": lambda tmp_path: ConsistencyStudent(tiny_unet(), scheduler_config(), 0.1, 1),
+    "consistency-4": lambda tmp_path: ConsistencyStudent(tiny_unet(), scheduler_config(), 0.1, 4),
 }
 
 

@@ -1,0 +1,149 @@
+"""Progressive distillation (Salimans & Ho, ICLR 2022) of the teacher's DDIM sampler on [0, t_star]."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from core.checkpoint import load_classifier
+from core.config import save_config
+from core.datasets import load_dataset
+from core.io import atomic_write_json, read_json
+from core.training import JsonlLog, ema_update, load_train_state, make_accelerator, make_ema, start_run
+from purify import ProgressiveStudent, UNetDenoiser, load_purifier
+from purify.samplers import ddim_step
+
+from .loop import StudentConfig, adversarial_batch, fit, make_optimizer
+
+
+@dataclass
+class ProgressiveConfig(StudentConfig):
+    """Rounds halve the steps: start_steps -> start_steps / 2 -> ... -> final_steps."""
+
+    start_steps: int = 64  # the round-1 teacher: DDIM with this many steps on [0, t_star]
+    final_steps: int = 1
+    parameterization: str = "v_prediction"  # or "sample" (x); "epsilon" is allowed for ablations
+    steps_per_round: int = 300
+
+
+def progressive_target(z_t, z_s, ab_t, ab_s):
+    """The x that makes one DDIM step t -> s from z_t land exactly on z_s (the teacher's two-step result)."""
+    a_t, s_t, a_s, s_s = ab_t.sqrt(), (1 - ab_t).sqrt(), ab_s.sqrt(), (1 - ab_s).sqrt()
+    ratio = s_s / s_t
+    return (z_s - ratio * z_t) / (a_s - ratio * a_t)
+
+
+def progressive_loss(student, teacher, x0, t_star: float, student_steps: int, g, x_clean=None, clean_mask=None):
+    """Truncated-SNR weighted MSE between the student's x0 and the closed-form two-teacher-step target."""
+    sched = teacher.schedule
+    n = x0.shape[0]
+    i = torch.randint(1, student_steps + 1, (n,), generator=g, device=g.device).to(x0.device).double()
+    t = t_star * i / student_steps
+    t_mid, t_next = t - t_star / (2 * student_steps), t - t_star / student_steps
+    ab_t, ab_mid, ab_next = (sched.alpha_bar(v).float().view(-1, 1, 1, 1) for v in (t, t_mid, t_next))
+    eps = torch.randn(x0.shape, generator=g, device=g.device).to(x0)
+    z_t = ab_t.sqrt() * x0 + (1 - ab_t).sqrt() * eps
+    with torch.no_grad():
+        z_mid = ddim_step(z_t, teacher(z_t, t.float()), ab_t, ab_mid)
+        z_next = ddim_step(z_mid, teacher(z_mid, t_mid.float()), ab_mid, ab_next)
+        target = progressive_target(z_t, z_next, ab_t, ab_next)
+        if clean_mask is not None:
+            target = torch.where(clean_mask.view(-1, 1, 1, 1), x_clean, target)
+    x_hat = student(z_t, t.float())
+    weight = (ab_t / (1 - ab_t)).clamp(min=1.0).flatten()  # max(SNR, 1)
+    per_example = (x_hat.float() - target.float()).square().flatten(1).mean(1)
+    return (weight * per_example).mean(), {"mse_x": per_example.mean().detach()}
+
+
+def rounds(cfg: ProgressiveConfig) -> list[int]:
+    """The student step counts, one per round: [start/2, start/4, ..., final]."""
+    r = math.log2(cfg.start_steps / cfg.final_steps) if cfg.final_steps >= 1 else -1
+    if cfg.final_steps < 1 or r < 1 or r != int(r):
+        raise ValueError(f"start_steps ({cfg.start_steps}) must be final_steps ({cfg.final_steps}) times a power of 2")
+    return [cfg.start_steps >> k for k in range(1, int(r) + 1)]
+
+
+def student_dir(out: Path, k: int) -> Path:
+    return Path(out) / "students" / f"steps-{k}"
+
+
+def train_progressive(cfg: ProgressiveConfig, teacher_dir: str | Path, out: str | Path, resume: bool = False) -> list[Path]:
+    """Distil the teacher round by round; every round's student lands in OUT/students/steps-K."""
+    plan = rounds(cfg)
+    if cfg.parameterization not in ("v_prediction", "sample", "epsilon"):
+        raise ValueError(f"parameterization must be v_prediction, sample or epsilon, got {cfg.parameterization!r}")
+    teacher_p = load_purifier(teacher_dir)
+    t_star = cfg.t_star or teacher_p.t_star
+    out, ckpt = start_run(out, resume)
+    acc = make_accelerator(cfg.mixed_precision, cfg.grad_accum)
+    ds, _ = load_dataset(cfg.dataset, "train", root=cfg.data_root, image_size=cfg.image_size)
+    classifier = load_classifier(cfg.adversarial.classifier, acc.device) if cfg.adversarial.classifier else None
+    log = JsonlLog(out / "log.jsonl", acc.is_main_process)
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    sched_cfg = teacher_p.schedule.config
+    state = load_train_state_meta(ckpt)
+    step, spr, stats = state.get("step", 0), cfg.steps_per_round, []
+    if ckpt is not None:
+        log.drop_after(step)
+    for r, k in enumerate(plan):
+        if step >= (r + 1) * spr and (student_dir(out, k) / "purifier.json").is_file():
+            continue  # this round finished before the resume
+        prev = teacher_p if r == 0 else load_purifier(student_dir(out, plan[r - 1]))
+        teacher = prev.x0_net.to(acc.device).eval().requires_grad_(False)
+        unet = copy.deepcopy(prev.unet).requires_grad_(True)
+        ema = make_ema(unet)
+        opt, lr_sched = make_optimizer(cfg, unet.parameters())
+        if ckpt is not None and step > r * spr:
+            load_train_state(ckpt, {"student": unet, "ema": ema}, opt, lr_sched)
+        model, opt = acc.prepare(unet, opt)
+        ema.to(acc.device)
+        student = UNetDenoiser(model, teacher.schedule, cfg.parameterization)
+
+        def loss_fn(model, x, y, g):
+            x_in, mask = (x, None)
+            if classifier is not None:
+                x_in, mask = adversarial_batch(x, y, classifier, cfg.adversarial, g)
+            clean = cfg.adversarial.target == "clean" and mask is not None
+            return progressive_loss(student, teacher, x_in, t_star, k, g, x if clean else None, mask if clean else None)
+
+        def on_step(s):
+            ema_update(ema, acc.unwrap_model(model), min(cfg.ema_decay, (1 + s - r * spr) / (10 + s - r * spr)))
+
+        stats.append(fit(acc, cfg, model, opt, lr_sched, loss_fn, ds, step, (r + 1) * spr, out, log, on_step,
+                         {"student": acc.unwrap_model(model), "ema": ema}, f"progressive {2 * k}->{k}",
+                         state={"round": r + 1, "student_steps": k}))
+        step = (r + 1) * spr
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            ProgressiveStudent(copy.deepcopy(ema).cpu(), sched_cfg, t_star, k, prediction_type=cfg.parameterization,
+                               seed=cfg.seed, source={"trained_by": "distill progressive", "teacher": str(teacher_dir),
+                                                      "round": r + 1, "teacher_steps": 2 * k, "run": str(out),
+                                                      "adversarial": cfg.adversarial.classifier is not None}
+                               ).save(student_dir(out, k))
+        acc.wait_for_everyone()
+        ckpt = None
+    if acc.is_main_process:
+        atomic_write_json(out / "train.json", {"seconds": sum(s["seconds"] for s in stats),
+                                               "images": sum(s["images"] for s in stats),
+                                               "rounds": plan, "processes": acc.num_processes,
+                                               "peak_memory_mb": peak_memory_mb(acc.device)})
+    return [student_dir(out, k) for k in plan]
+
+
+def load_train_state_meta(ckpt) -> dict:
+    return read_json(ckpt / "state.json") if ckpt is not None else {}
+
+
+def peak_memory_mb(device) -> float:
+    """Peak accelerator memory, or this process's peak resident set size on CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,175 @@
+"""Distilled students: the progressive target, the consistency boundary, and tiny training runs."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.io import load_tensors
+from distill.progressive import progressive_target
+from purify import ConsistencyDenoiser, UNetDenoiser, VPSchedule, load_purifier
+from purify.samplers import ddim_step, heun_step
+
+from .conftest import scheduler_config, tiny_unet
+from .test_commands import TINY_UNET
+
+
+def test_one_ddim_step_with_the_progressive_target_lands_on_the_teachers_two_steps():
+    sched = VPSchedule.from_scheduler_config(scheduler_config())
+    teacher = UNetDenoiser(tiny_unet(), sched)
+    z_t = torch.randn(4, 1, 8, 8)
+    for t, t_mid, t_next in [(0.1, 0.075, 0.05), (0.05, 0.025, 0.0), (0.003, 0.002, 0.001)]:
+        ab = {v: sched.alpha_bar(torch.tensor(v, dtype=torch.float64)).float() for v in (t, t_mid, t_next)}
+        with torch.no_grad():
+            z_mid = ddim_step(z_t, teacher(z_t, t), ab[t], ab[t_mid])
+            z_next = ddim_step(z_mid, teacher(z_mid, t_mid), ab[t_mid], ab[t_next])
+        x_tilde = progressive_target(z_t.double(), z_next.double(), ab[t].double(), ab[t_next].double())
+        landed = ddim_step(z_t.double(), x_tilde, ab[t].double(), ab[t_next].double())
+        assert torch.allclose(landed, z_next.double(), atol=1e-9), (t, (landed - z_next).abs().max())
+
+
+@pytest.mark.parametrize("t_min", [0.0, 0.02])
+def test_consistency_function_is_exactly_the_identity_at_t_min(t_min):
+    sched = VPSchedule.from_scheduler_config(scheduler_config())
+    f = ConsistencyDenoiser(UNetDenoiser(tiny_unet(), sched), t_min=t_min)
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(f(x, t_min), x)
+        assert not torch.allclose(f(x, t_min + 0.01), x)
+        c_skip, c_out = f.scalings(torch.tensor([0.1]))
+        assert c_skip < 1e-4 and c_out > 0.999  # far from t_min the network has taken over
+
+
+def test_heun_equals_ddim_when_the_noise_prediction_is_constant():
+    sched = VPSchedule.from_scheduler_config(scheduler_config())
+    eps = torch.randn(2, 1, 8, 8)
+
+    class ConstantEps:
+        schedule = sched
+
+        def __call__(self, x, t):
+            ab = sched.alpha_bar(torch.as_tensor(t)).float().view(-1, 1, 1, 1)
+            return (x - (1 - ab).sqrt() * eps) / ab.sqrt()
+
+    x = torch.randn(2, 1, 8, 8)
+    ab_t, ab_s = (sched.alpha_bar(torch.full((2,), v, dtype=torch.float64)).float().view(-1, 1, 1, 1) for v in (0.1, 0.05))
+    d = ConstantEps()
+    t, s = torch.full((2,), 0.1), torch.full((2,), 0.05)
+    assert torch.allclose(heun_step(d, x, t, s, ab_t, ab_s), ddim_step(x, d(x, t), ab_t, ab_s), atol=1e-5)
+
+
+def test_lpips_without_cached_weights_says_where_to_put_them(tmp_path, monkeypatch):
+    from distill.distances import get_distance
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="vgg16-397923af.pth.*distance=pseudo-huber"):
+        get_distance("lpips")
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    from distill.__main__ import main
+
+    out = tmp_path_factory.mktemp("teacher")
+    main(["teacher", "--out", str(out / "run"), *TINY_UNET, "train_steps=2"])
+    return out / "run" / "purifier"
+
+
+def distill(method, teacher_dir, out, *extra):
+    from distill.__main__ import main
+
+    main([method, "--config", f"configs/digits/{method}.yaml", "--teacher", str(teacher_dir), "--out", str(out),
+          "batch_size=8", "log_every=1", *extra])
+
+
+def test_tiny_progressive_run_leaves_a_student_per_round(teacher_dir, tmp_path):
+    distill("progressive", teacher_dir, tmp_path / "pd", "start_steps=4", "steps_per_round=2", "checkpoint_every=1")
+    for k in (2, 1):
+        s = load_purifier(tmp_path / "pd" / "students" / f"steps-{k}")
+        assert s.kind == "progressive" and s.nfe == k and s.t_star == 0.1
+        assert s.x0_net.prediction_type == "v_prediction"
+        assert s(torch.rand(2, 1, 16, 16)).shape == (2, 1, 16, 16)
+    rounds = [json.loads(line)["step"] for line in (tmp_path / "pd" / "log.jsonl").read_text().splitlines()]
+    assert rounds == [1, 2, 3, 4]
+
+
+def test_tiny_consistency_run_leaves_1_2_4_step_students(teacher_dir, tmp_path):
+    distill("consistency", teacher_dir, tmp_path / "cd", "train_steps=3", "solver=heun")
+    for k in (1, 2, 4):
+        s = load_purifier(tmp_path / "cd" / "students" / f"steps-{k}")
+        assert s.kind == "consistency" and s.nfe == k
+        assert s(torch.rand(2, 1, 16, 16)).shape == (2, 1, 16, 16)
+
+
+def test_killed_consistency_run_resumes_to_the_same_weights(teacher_dir, tmp_path, monkeypatch):
+    distill("consistency", teacher_dir, tmp_path / "whole", "train_steps=4", "checkpoint_every=2")
+    import distill.consistency as C
+
+    real, calls = C.ema_update, []
+
+    def dies(*a, **kw):
+        calls.append(1)
+        if len(calls) == 5:  # two EMA updates per step: dies during step 3
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(C, "ema_update", dies)
+    with pytest.raises(KeyboardInterrupt):
+        distill("consistency", teacher_dir, tmp_path / "killed", "train_steps=4", "checkpoint_every=2")
+    monkeypatch.setattr(C, "ema_update", real)
+    distill("consistency", teacher_dir, tmp_path / "killed", "train_steps=4", "checkpoint_every=2", "--resume")
+    for name in ("student", "ema", "target"):
+        a = load_tensors(tmp_path / "whole" / "checkpoints" / "step-00000004" / f"{name}.safetensors")
+        b = load_tensors(tmp_path / "killed" / "checkpoints" / "step-00000004" / f"{name}.safetensors")
+        assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), name
+
+
+def test_killed_progressive_run_resumes_across_a_round(teacher_dir, tmp_path, monkeypatch):
+    args = ("start_steps=4", "steps_per_round=2", "checkpoint_every=1")
+    distill("progressive", teacher_dir, tmp_path / "whole", *args)
+    import distill.progressive as P
+
+    real, calls = P.ema_update, []
+
+    def dies(*a, **kw):
+        calls.append(1)
+        if len(calls) == 4:  # during round 2's second step
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(P, "ema_update", dies)
+    with pytest.raises(KeyboardInterrupt):
+        distill("progressive", teacher_dir, tmp_path / "killed", *args)
+    monkeypatch.setattr(P, "ema_update", real)
+    distill("progressive", teacher_dir, tmp_path / "killed", *args, "--resume")
+    a = load_tensors(tmp_path / "whole" / "students" / "steps-1" / "diffusion_pytorch_model.safetensors")
+    b = load_tensors(tmp_path / "killed" / "students" / "steps-1" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_adversarial_distillation_option_runs(teacher_dir, tmp_path):
+    from robust_data.__main__ import main as squeeze
+
+    squeeze(["squeeze", "--out", str(tmp_path / "clf"), "epochs=0.2", "width=8"])
+    distill("consistency", teacher_dir, tmp_path / "adv", "train_steps=2", "student_steps=[1]",
+            f"adversarial.classifier={tmp_path / 'clf' / 'classifier'}", "adversarial.steps=2",
+            "adversarial.target=clean")
+    s = load_purifier(tmp_path / "adv" / "students" / "steps-1")
+    assert s.source["adversarial"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, extra", [("progressive", ["start_steps=2", "steps_per_round=2"]),
+                                           ("consistency", ["train_steps=2", "student_steps=[1, 2]"])])
+def test_two_process_runs_leave_loadable_students(teacher_dir, tmp_path, method, extra):
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                    "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "distill", method,
+                    "--config", f"configs/digits/{method}.yaml", "--teacher", str(teacher_dir),
+                    "--out", str(tmp_path / "ddp"), "batch_size=8", *extra], check=True, timeout=300)
+    assert json.loads((tmp_path / "ddp" / "train.json").read_text())["processes"] == 2
+    assert load_purifier(tmp_path / "ddp" / "students" / "steps-1").nfe == 1
