@@ -12,11 +12,13 @@ import copy
 import json
 import re
 import shutil
+import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from torch.utils.data import Sampler
+from tqdm.auto import tqdm
 
 from .io import atomic_dir, atomic_save_tensors, atomic_write_json, load_tensors, read_json
 
@@ -168,3 +170,51 @@ def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1):
 
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum, cpu=multi_cpu)
+
+
+def fit(acc, cfg, model, opt, lr_sched, loss_fn, dataset, start: int, end: int, out: Path, log,
+        on_step, modules: dict, desc: str, state: dict | None = None) -> dict:
+    """The training loop every command shares, under accelerate.
+
+    Runs optimizer steps [start, end): step-seeded batches, gradient accumulation, clipping,
+    `on_step(step)` (EMA updates), log.jsonl, and train-state checkpoints every
+    `cfg.checkpoint_every` steps and at `end`.
+
+    `loss_fn(model, x, y, g) -> (loss, stats)` gets pixels in [0, 1] and a generator seeded by
+    (seed, micro-step, process); `modules` are the modules a checkpoint saves.
+    """
+    ga = cfg.grad_accum
+    loader = step_batches(dataset, cfg.batch_size, cfg.seed, start * ga, end * ga, acc, cfg.num_workers)
+    bar = tqdm(total=end, initial=start, desc=desc, disable=not acc.is_main_process)
+    model.train()
+    records, t0, seen, step = [], time.perf_counter(), 0, start
+    for micro, (x, y) in enumerate(loader, start=start * ga):
+        g = step_generator(cfg.seed, micro, acc.process_index, device=acc.device)
+        x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
+        with acc.accumulate(model):
+            loss, stats = loss_fn(model, x, y, g)
+            acc.backward(loss)
+            if acc.sync_gradients and cfg.grad_clip > 0:
+                acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        records.append(torch.stack([loss.detach().float(), *(v.detach().float() for v in stats.values())]))
+        seen += x.shape[0] * acc.num_processes
+        if not acc.sync_gradients:
+            continue
+        lr_sched.step()
+        step += 1
+        on_step(step)
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == end:
+            means = acc.gather(torch.stack(records).mean(0, keepdim=True)).mean(0).tolist()
+            rec = dict(zip(["loss", *stats], means))
+            log(step=step, **rec, lr=lr_sched.get_last_lr()[0], images_per_s=seen / (time.perf_counter() - t0))
+            bar.set_postfix(loss=f"{rec['loss']:.4g}")
+            records = []
+        if step % cfg.checkpoint_every == 0 or step == end:
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                save_train_state(out, step, modules, opt, lr_sched, keep=cfg.keep_checkpoints, extra=state)
+    bar.close()
+    return {"seconds": time.perf_counter() - t0, "images": seen}

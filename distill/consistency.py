@@ -12,12 +12,12 @@ from core.checkpoint import load_classifier
 from core.config import save_config
 from core.datasets import load_dataset
 from core.io import atomic_write_json
-from core.training import JsonlLog, ema_update, load_train_state, make_accelerator, make_ema, start_run
+from core.training import JsonlLog, ema_update, fit, load_train_state, make_accelerator, make_ema, start_run
 from purify import ConsistencyDenoiser, ConsistencyStudent, UNetDenoiser, load_purifier
 from purify.samplers import ddim_step, heun_step
 
 from .distances import get_distance
-from .loop import StudentConfig, adversarial_batch, fit, make_optimizer
+from .loop import StudentConfig, adversarial_batch, make_optimizer
 from .progressive import peak_memory_mb, student_dir
 
 SOLVERS = ("ddim", "heun")
@@ -103,6 +103,7 @@ def train_consistency(cfg: ConsistencyConfig, teacher_dir: str | Path, out: str 
     target_f = ConsistencyDenoiser(UNetDenoiser(target, teacher.schedule, kind), **scalings)
 
     def loss_fn(model, x, y, g):
+        x = x * 2 - 1
         x_in, mask = (x, None)
         if classifier is not None:
             x_in, mask = adversarial_batch(x, y, classifier, cfg.adversarial, g)

@@ -1,15 +1,10 @@
-"""The training loop every distill command shares, under accelerate."""
+"""What the student-distillation commands share: their config, optimizer and adversarial batches."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
-
-from core.training import save_train_state, step_batches, step_generator
 
 
 @dataclass
@@ -45,51 +40,6 @@ class StudentConfig:
     num_workers: int = 0
     seed: int = 0
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
-
-
-def fit(acc, cfg, model, opt, lr_sched, loss_fn, dataset, start: int, end: int, out: Path, log,
-        on_step, modules: dict, desc: str, state: dict | None = None) -> dict:
-    """Optimizer steps [start, end): step-seeded batches, accumulation, clipping, `on_step(step)` (EMA
-    updates), log.jsonl, and train-state checkpoints every `cfg.checkpoint_every` steps and at `end`.
-
-    `loss_fn(model, x, y, g) -> (loss, stats)` gets pixels in [-1, 1] and a generator seeded by
-    (seed, micro-step, process); `modules` are the modules a checkpoint saves.
-    """
-    ga = cfg.grad_accum
-    loader = step_batches(dataset, cfg.batch_size, cfg.seed, start * ga, end * ga, acc, cfg.num_workers)
-    bar = tqdm(total=end, initial=start, desc=desc, disable=not acc.is_main_process)
-    model.train()
-    records, t0, seen, step = [], time.perf_counter(), 0, start
-    for micro, (x, y) in enumerate(loader, start=start * ga):
-        g = step_generator(cfg.seed, micro, acc.process_index, device=acc.device)
-        x, y = x.to(acc.device, non_blocking=True) * 2 - 1, y.to(acc.device, non_blocking=True)
-        with acc.accumulate(model):
-            loss, stats = loss_fn(model, x, y, g)
-            acc.backward(loss)
-            if acc.sync_gradients and cfg.grad_clip > 0:
-                acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        records.append(torch.stack([loss.detach().float(), *(v.detach().float() for v in stats.values())]))
-        seen += x.shape[0] * acc.num_processes
-        if not acc.sync_gradients:
-            continue
-        lr_sched.step()
-        step += 1
-        on_step(step)
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == end:
-            means = acc.gather(torch.stack(records).mean(0, keepdim=True)).mean(0).tolist()
-            rec = dict(zip(["loss", *stats], means))
-            log(step=step, **rec, lr=lr_sched.get_last_lr()[0], images_per_s=seen / (time.perf_counter() - t0))
-            bar.set_postfix(loss=f"{rec['loss']:.4g}")
-            records = []
-        if step % cfg.checkpoint_every == 0 or step == end:
-            acc.wait_for_everyone()
-            if acc.is_main_process:
-                save_train_state(out, step, modules, opt, lr_sched, keep=cfg.keep_checkpoints, extra=state)
-    bar.close()
-    return {"seconds": time.perf_counter() - t0, "images": seen}
 
 
 def make_optimizer(cfg, params):

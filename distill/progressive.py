@@ -13,11 +13,11 @@ from core.checkpoint import load_classifier
 from core.config import save_config
 from core.datasets import load_dataset
 from core.io import atomic_write_json, read_json
-from core.training import JsonlLog, ema_update, load_train_state, make_accelerator, make_ema, start_run
+from core.training import JsonlLog, ema_update, fit, load_train_state, make_accelerator, make_ema, start_run
 from purify import ProgressiveStudent, UNetDenoiser, load_purifier
 from purify.samplers import ddim_step
 
-from .loop import StudentConfig, adversarial_batch, fit, make_optimizer
+from .loop import StudentConfig, adversarial_batch, make_optimizer
 
 
 @dataclass
@@ -106,6 +106,7 @@ def train_progressive(cfg: ProgressiveConfig, teacher_dir: str | Path, out: str 
         student = UNetDenoiser(model, teacher.schedule, cfg.parameterization)
 
         def loss_fn(model, x, y, g):
+            x = x * 2 - 1
             x_in, mask = (x, None)
             if classifier is not None:
                 x_in, mask = adversarial_batch(x, y, classifier, cfg.adversarial, g)

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from core.config import save_config
 from core.datasets import load_dataset
 from core.io import atomic_write_json
-from core.training import (JsonlLog, make_accelerator, ema_update, load_train_state, make_ema, save_train_state, start_run,
-                           step_batches, step_generator)
+from core.training import JsonlLog, ema_update, fit, load_train_state, make_accelerator, make_ema, start_run
 from purify import DiffPure, VPSchedule
 from purify.denoisers import PREDICTION_TYPES
 
@@ -142,48 +139,22 @@ def train_teacher(cfg: TeacherConfig, out: str | Path, resume: bool = False) -> 
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-    unet, opt = acc.prepare(unet, opt)
+    model, opt = acc.prepare(unet, opt)
     ema.to(acc.device)
 
-    ga = cfg.grad_accum
-    loader = step_batches(ds, cfg.batch_size, cfg.seed, step * ga, cfg.train_steps * ga, acc, cfg.num_workers)
-    bar = tqdm(total=cfg.train_steps, initial=step, desc="teacher", disable=not acc.is_main_process)
-    unet.train()
-    losses, t0, seen = [], time.perf_counter(), 0
-    for micro, (x, _) in enumerate(loader, start=step * ga):
-        g = step_generator(cfg.seed, micro, acc.process_index, device=acc.device)
-        x = x.to(acc.device, non_blocking=True) * 2 - 1
+    def loss_fn(model, x, y, g):
+        x = x * 2 - 1
         if cfg.hflip:
-            flip = torch.rand(x.shape[0], generator=g, device=g.device).to(x.device) < 0.5
+            flip = (torch.rand(x.shape[0], generator=g, device=g.device) < 0.5).to(x.device)
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-        with acc.accumulate(unet):
-            loss = ddpm_loss(unet, x, schedule, k_max, cfg.scheduler.prediction_type, g)
-            acc.backward(loss)
-            if acc.sync_gradients and cfg.grad_clip > 0:
-                acc.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
-        seen += x.shape[0] * acc.num_processes
-        if not acc.sync_gradients:
-            continue
-        lr_sched.step()
-        step += 1
-        ema_update(ema, acc.unwrap_model(unet), min(cfg.ema_decay, (1 + step) / (10 + step)))
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.train_steps:
-            mean_loss = acc.gather(torch.stack(losses).mean().reshape(1)).mean().item()
-            rate = seen / (time.perf_counter() - t0)
-            log(step=step, loss=mean_loss, lr=lr_sched.get_last_lr()[0], images_per_s=rate)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{rate:.0f}")
-            losses = []
-        if step % cfg.checkpoint_every == 0 or step == cfg.train_steps:
-            acc.wait_for_everyone()
-            if acc.is_main_process:
-                save_train_state(out, step, {"unet": acc.unwrap_model(unet), "ema": ema}, opt, lr_sched,
-                                 keep=cfg.keep_checkpoints)
-    bar.close()
-    seconds = time.perf_counter() - t0
+        return ddpm_loss(model, x, schedule, k_max, cfg.scheduler.prediction_type, g), {}
+
+    def on_step(s):
+        ema_update(ema, acc.unwrap_model(model), min(cfg.ema_decay, (1 + s) / (10 + s)))
+
+    stats = fit(acc, cfg, model, opt, lr_sched, loss_fn, ds, step, cfg.train_steps, out, log, on_step,
+                {"unet": acc.unwrap_model(model), "ema": ema}, "teacher")
+    seconds, seen = stats["seconds"], stats["images"]
     acc.wait_for_everyone()
     folder = out / "purifier"
     if acc.is_main_process:

@@ -1,5 +1,6 @@
 """python -m eval quickstart [--fast] [--out DIR]
-python -m eval accuracy --purifier DIR --classifier DIR [--n N]"""
+python -m eval accuracy --purifier DIR --classifier DIR [--n N]
+python -m eval compare --teacher DIR --student DIR [--student DIR ...] --classifier DIR [--out DIR]"""
 
 import argparse
 
@@ -22,7 +23,25 @@ def main(argv=None):
     a.add_argument("--n", type=int, default=None, help="test examples (default: all)")
     a.add_argument("--batch-size", type=int, default=64)
     a.add_argument("--seed", type=int, default=0)
+    c = sub.add_parser("compare", help="students against their teacher: PSNR, accuracy, seconds per batch")
+    c.add_argument("--teacher", required=True)
+    c.add_argument("--student", action="append", default=[], help="a student purifier folder (repeatable)")
+    c.add_argument("--classifier", required=True)
+    c.add_argument("--dataset", default="digits")
+    c.add_argument("--data-root", default=None)
+    c.add_argument("--n", type=int, default=None)
+    c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", default=None, help="folder for compare.json and compare.md")
+    c.add_argument("--baseline-steps", type=int, nargs="*", default=[1, 2, 4],
+                   help="also time the teacher's own UNet as a K-step DDIM sampler (undistilled baselines)")
     args = p.parse_args(argv)
+    if args.command == "compare":
+        from .compare import compare, render
+
+        result = run_or_exit(compare, args.teacher, args.student, args.classifier, args.dataset, args.n,
+                             args.batch_size, args.seed, args.out, args.data_root, tuple(args.baseline_steps))
+        print(render(result["rows"], result["examples"], args.batch_size))
     if args.command == "accuracy":
         import json
 

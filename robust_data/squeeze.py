@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from core.checkpoint import save_classifier
 from core.config import save_config
 from core.datasets import load_dataset, to_tensors
 from core.io import atomic_write_json
 from core.models import build_classifier, classifier_config_for
-from core.training import (JsonlLog, make_accelerator, load_train_state, save_train_state, start_run, step_batches,
-                           step_generator)
+from core.training import JsonlLog, fit, load_train_state, make_accelerator, start_run
 
 from .objectives import get_objective
 
@@ -40,6 +37,7 @@ class SqueezeConfig:
     lr: float = 0.002
     weight_decay: float = 0.0005
     warmup_steps: int = 0
+    grad_clip: float = 0.0  # max gradient norm; 0 turns clipping off
     crop_padding: int = 2  # random translation by up to this many pixels (0: none)
     hflip: bool = False
     grad_accum: int = 1
@@ -109,38 +107,11 @@ def train_squeeze(cfg: SqueezeConfig, out: str | Path, resume: bool = False) -> 
         save_config(cfg, out / "config.yaml")
     model, opt = acc.prepare(model, opt)
 
-    ga = cfg.grad_accum
-    loader = step_batches(train, cfg.batch_size, cfg.seed, step * ga, total * ga, acc, cfg.num_workers)
-    bar = tqdm(total=total, initial=step, desc=f"squeeze ({cfg.objective})", disable=not acc.is_main_process)
-    model.train()
-    t0, records = time.perf_counter(), []
-    for micro, (x, y) in enumerate(loader, start=step * ga):
-        g = step_generator(cfg.seed, micro, acc.process_index, device=acc.device)
-        x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
-        x = augment(x, cfg.crop_padding, cfg.hflip, g)
-        with acc.accumulate(model):
-            loss, stats = objective(model, x, y, label_smoothing=cfg.label_smoothing)
-            acc.backward(loss)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        records.append(torch.stack([loss.detach(), stats["acc"]]))
-        if not acc.sync_gradients:
-            continue
-        lr_sched.step()
-        step += 1
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == total:
-            loss_m, acc_m = acc.gather(torch.stack(records).mean(0, keepdim=True)).mean(0).tolist()
-            log(step=step, loss=loss_m, train_acc=acc_m, lr=lr_sched.get_last_lr()[0])
-            bar.set_postfix(loss=f"{loss_m:.3f}", acc=f"{acc_m:.3f}")
-            records = []
-        if step % cfg.checkpoint_every == 0 or step == total:
-            acc.wait_for_everyone()
-            if acc.is_main_process:
-                save_train_state(out, step, {"model": acc.unwrap_model(model)}, opt, lr_sched,
-                                 keep=cfg.keep_checkpoints)
-    bar.close()
-    seconds = time.perf_counter() - t0
+    def loss_fn(model, x, y, g):
+        return objective(model, augment(x, cfg.crop_padding, cfg.hflip, g), y, label_smoothing=cfg.label_smoothing)
+
+    seconds = fit(acc, cfg, model, opt, lr_sched, loss_fn, train, step, total, out, log, lambda s: None,
+                  {"model": acc.unwrap_model(model)}, f"squeeze ({cfg.objective})")["seconds"]
     acc.wait_for_everyone()
     folder = out / "classifier"
     if acc.is_main_process:

@@ -173,3 +173,25 @@ def test_two_process_runs_leave_loadable_students(teacher_dir, tmp_path, method,
                     "--out", str(tmp_path / "ddp"), "batch_size=8", *extra], check=True, timeout=300)
     assert json.loads((tmp_path / "ddp" / "train.json").read_text())["processes"] == 2
     assert load_purifier(tmp_path / "ddp" / "students" / "steps-1").nfe == 1
+
+
+def test_compare_reports_students_against_the_teacher(teacher_dir, tmp_path):
+    from eval.__main__ import main as eval_main
+    from purify import ConsistencyStudent
+    from robust_data.__main__ import main as squeeze
+
+    squeeze(["squeeze", "--out", str(tmp_path / "clf"), "epochs=0.2", "width=8"])
+    teacher = load_purifier(teacher_dir)
+    ConsistencyStudent(teacher.unet, teacher.schedule.config, 0.1, 1).save(tmp_path / "cm1")
+    eval_main(["compare", "--teacher", str(teacher_dir), "--student", str(tmp_path / "cm1"), "--classifier",
+               str(tmp_path / "clf" / "classifier"), "--n", "16", "--batch-size", "8", "--out", str(tmp_path),
+               "--baseline-steps", "1"])
+    rows = json.loads((tmp_path / "compare.json").read_text())["rows"]
+    assert [r["nfe"] for r in rows] == [0, 5, 5, 1, 1]
+    teacher_row = rows[2]
+    assert teacher_row["psnr_vs_teacher_sde"] > 100 and teacher_row["speedup_vs_teacher"] == 1.0
+    assert 0 < rows[4]["psnr_vs_teacher_sde"] < 100 and rows[4]["speedup_vs_teacher"] > 0
+    # an untrained consistency student on the teacher's weights is the teacher's one-step x0 prediction,
+    # which at t_min = 0 with timestep_scaling 10 is the undistilled DDIM-1 baseline to within c_skip
+    assert abs(rows[3]["psnr_vs_teacher_ode"] - rows[4]["psnr_vs_teacher_ode"]) < 1.0
+    assert "| none |" in (tmp_path / "compare.md").read_text()
