@@ -13,6 +13,7 @@ import json
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,6 +24,27 @@ from tqdm.auto import tqdm
 from .io import atomic_dir, atomic_save_tensors, atomic_write_json, load_tensors, read_json
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class LoopConfig:
+    """The data and optimisation keys every training command has (`fit` reads them)."""
+
+    dataset: str = "digits"
+    data_root: str | None = None
+    image_size: int | None = None
+    batch_size: int = 64
+    lr: float = 0.0002
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
+    grad_accum: int = 1
+    mixed_precision: str = "no"  # or fp16 / bf16 (autocast on GPU)
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    log_every: int = 25
+    num_workers: int = 0
+    seed: int = 0
 
 
 def step_seed(seed: int, step: int, rank: int = 0, stream: int = 0) -> int:

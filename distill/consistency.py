@@ -17,7 +17,7 @@ from purify import ConsistencyDenoiser, ConsistencyStudent, UNetDenoiser, load_p
 from purify.samplers import ddim_step, heun_step
 
 from .distances import get_distance
-from .loop import StudentConfig, adversarial_batch, make_optimizer
+from .loop import StudentConfig, make_optimizer, student_inputs
 from .progressive import peak_memory_mb, student_dir
 
 SOLVERS = ("ddim", "heun")
@@ -103,13 +103,8 @@ def train_consistency(cfg: ConsistencyConfig, teacher_dir: str | Path, out: str 
     target_f = ConsistencyDenoiser(UNetDenoiser(target, teacher.schedule, kind), **scalings)
 
     def loss_fn(model, x, y, g):
-        x = x * 2 - 1
-        x_in, mask = (x, None)
-        if classifier is not None:
-            x_in, mask = adversarial_batch(x, y, classifier, cfg.adversarial, g)
-        clean = cfg.adversarial.target == "clean" and mask is not None
-        return consistency_loss(student_f, target_f, teacher, x_in, cfg, t_star, distance, g,
-                                x if clean else None, mask if clean else None)
+        x_in, x_clean, mask = student_inputs(x, y, classifier, cfg.adversarial, g)
+        return consistency_loss(student_f, target_f, teacher, x_in, cfg, t_star, distance, g, x_clean, mask)
 
     def on_step(s):
         net = acc.unwrap_model(model)

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from core.training import LoopConfig
+
 
 @dataclass
 class AdversarialConfig:
@@ -19,26 +21,11 @@ class AdversarialConfig:
 
 
 @dataclass
-class StudentConfig:
+class StudentConfig(LoopConfig):
     """What both student-distillation methods share."""
 
-    dataset: str = "digits"
-    data_root: str | None = None
-    image_size: int | None = None
     t_star: float | None = None  # default: the teacher's
-    batch_size: int = 64
-    lr: float = 0.0002
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    grad_accum: int = 1
     ema_decay: float = 0.999
-    mixed_precision: str = "no"
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 2
-    log_every: int = 25
-    num_workers: int = 0
-    seed: int = 0
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
 
 
@@ -46,6 +33,15 @@ def make_optimizer(cfg, params):
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warm = max(1, cfg.warmup_steps)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+
+
+def student_inputs(x, y, classifier, cfg: AdversarialConfig, g: torch.Generator):
+    """[0, 1] batch -> (inputs in [-1, 1], clean targets or None, mask of examples with a clean target or None)."""
+    x = x * 2 - 1
+    if classifier is None:
+        return x, None, None
+    x_in, mask = adversarial_batch(x, y, classifier, cfg, g)
+    return (x_in, x, mask) if cfg.target == "clean" else (x_in, None, None)
 
 
 def adversarial_batch(x, y, classifier, cfg: AdversarialConfig, g: torch.Generator):

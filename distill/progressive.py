@@ -17,7 +17,7 @@ from core.training import JsonlLog, ema_update, fit, load_train_state, make_acce
 from purify import ProgressiveStudent, UNetDenoiser, load_purifier
 from purify.samplers import ddim_step
 
-from .loop import StudentConfig, adversarial_batch, make_optimizer
+from .loop import StudentConfig, make_optimizer, student_inputs
 
 
 @dataclass
@@ -106,12 +106,8 @@ def train_progressive(cfg: ProgressiveConfig, teacher_dir: str | Path, out: str 
         student = UNetDenoiser(model, teacher.schedule, cfg.parameterization)
 
         def loss_fn(model, x, y, g):
-            x = x * 2 - 1
-            x_in, mask = (x, None)
-            if classifier is not None:
-                x_in, mask = adversarial_batch(x, y, classifier, cfg.adversarial, g)
-            clean = cfg.adversarial.target == "clean" and mask is not None
-            return progressive_loss(student, teacher, x_in, t_star, k, g, x if clean else None, mask if clean else None)
+            x_in, x_clean, mask = student_inputs(x, y, classifier, cfg.adversarial, g)
+            return progressive_loss(student, teacher, x_in, t_star, k, g, x_clean, mask)
 
         def on_step(s):
             ema_update(ema, acc.unwrap_model(model), min(cfg.ema_decay, (1 + s - r * spr) / (10 + s - r * spr)))

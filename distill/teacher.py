@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from core.config import save_config
 from core.datasets import load_dataset
 from core.io import atomic_write_json
-from core.training import JsonlLog, ema_update, fit, load_train_state, make_accelerator, make_ema, start_run
+from core.training import JsonlLog, LoopConfig, ema_update, fit, load_train_state, make_accelerator, make_ema, start_run
 from purify import DiffPure, VPSchedule
 from purify.denoisers import PREDICTION_TYPES
 
@@ -41,12 +41,9 @@ class NoiseScheduleConfig:
 
 
 @dataclass
-class TeacherConfig:
+class TeacherConfig(LoopConfig):
     """Defaults are the embedded-digits teacher (configs/digits/teacher.yaml says the same)."""
 
-    dataset: str = "digits"
-    data_root: str | None = None
-    image_size: int | None = None
     unet: UNetConfig = field(default_factory=UNetConfig)
     scheduler: NoiseScheduleConfig = field(default_factory=NoiseScheduleConfig)
     t_max: float = 0.3  # train on t ~ U(0, t_max]: purification never needs the score above t_star
@@ -54,17 +51,10 @@ class TeacherConfig:
     batch_size: int = 128
     lr: float = 0.001
     warmup_steps: int = 100
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    grad_accum: int = 1
     ema_decay: float = 0.995
     hflip: bool = False
-    mixed_precision: str = "no"
     checkpoint_every: int = 400
-    keep_checkpoints: int = 2
     log_every: int = 50
-    num_workers: int = 0
-    seed: int = 0
     # the purifier written to OUT/purifier at the end
     t_star: float = 0.1
     purify_steps: int = 100

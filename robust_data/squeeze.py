@@ -14,18 +14,15 @@ from core.config import save_config
 from core.datasets import load_dataset, to_tensors
 from core.io import atomic_write_json
 from core.models import build_classifier, classifier_config_for
-from core.training import JsonlLog, fit, load_train_state, make_accelerator, start_run
+from core.training import JsonlLog, LoopConfig, fit, load_train_state, make_accelerator, start_run
 
 from .objectives import get_objective
 
 
 @dataclass
-class SqueezeConfig:
+class SqueezeConfig(LoopConfig):
     """Defaults are the embedded-digits classifier (configs/digits/squeeze.yaml says the same)."""
 
-    dataset: str = "digits"
-    data_root: str | None = None
-    image_size: int | None = None
     arch: str = "convnet-bn"
     width: int = 64
     depth: int = 3
@@ -36,18 +33,12 @@ class SqueezeConfig:
     optimizer: str = "adamw"  # or sgd (momentum 0.9, nesterov)
     lr: float = 0.002
     weight_decay: float = 0.0005
-    warmup_steps: int = 0
-    grad_clip: float = 0.0  # max gradient norm; 0 turns clipping off
+    grad_clip: float = 0.0
     crop_padding: int = 2  # random translation by up to this many pixels (0: none)
     hflip: bool = False
-    grad_accum: int = 1
-    mixed_precision: str = "no"
     checkpoint_every: int = 500
-    keep_checkpoints: int = 2
     log_every: int = 50
     eval_batch_size: int = 512
-    num_workers: int = 0
-    seed: int = 0
 
 
 def augment(x: torch.Tensor, padding: int, hflip: bool, g: torch.Generator) -> torch.Tensor:
