@@ -1,5 +1,6 @@
 """python -m eval quickstart [--fast] [--out DIR]
 python -m eval accuracy --purifier DIR --classifier DIR [--n N]
+python -m eval pgd-eot --purifier DIR --classifier DIR [--eps 0.1 --steps 40 --eot 4 --n 128]
 python -m eval compare --teacher DIR --student DIR [--student DIR ...] --classifier DIR [--out DIR]"""
 
 import argparse
@@ -35,7 +36,24 @@ def main(argv=None):
     c.add_argument("--out", default=None, help="folder for compare.json and compare.md")
     c.add_argument("--baseline-steps", type=int, nargs="*", default=[1, 2, 4],
                    help="also time the teacher's own UNet as a K-step DDIM sampler (undistilled baselines)")
+    e = sub.add_parser("pgd-eot", help="adaptive PGD-EOT with full gradients through the purifier")
+    e.add_argument("--purifier", required=True)
+    e.add_argument("--classifier", required=True)
+    e.add_argument("--dataset", default="digits")
+    e.add_argument("--data-root", default=None)
+    e.add_argument("--n", type=int, default=128)
+    e.add_argument("--eps", type=float, default=0.1)
+    e.add_argument("--steps", type=int, default=40)
+    e.add_argument("--eot", type=int, default=4)
+    e.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.command == "pgd-eot":
+        import json
+
+        from .pgd_eot import evaluate_pgd_eot
+
+        print(json.dumps(run_or_exit(evaluate_pgd_eot, args.purifier, args.classifier, args.dataset, args.n,
+                                     args.eps, args.steps, args.eot, args.seed, args.data_root), indent=2))
     if args.command == "compare":
         from .compare import compare, render
 

@@ -195,3 +195,34 @@ def test_compare_reports_students_against_the_teacher(teacher_dir, tmp_path):
     # which at t_min = 0 with timestep_scaling 10 is the undistilled DDIM-1 baseline to within c_skip
     assert abs(rows[3]["psnr_vs_teacher_ode"] - rows[4]["psnr_vs_teacher_ode"]) < 1.0
     assert "| none |" in (tmp_path / "compare.md").read_text()
+
+
+def test_pgd_eot_through_a_one_step_student_never_beats_clean(teacher_dir, tmp_path):
+    from eval.pgd_eot import evaluate_pgd_eot
+    from purify import ConsistencyStudent
+    from robust_data.__main__ import main as squeeze
+
+    squeeze(["squeeze", "--out", str(tmp_path / "clf"), "epochs=1", "width=8"])
+    teacher = load_purifier(teacher_dir)
+    ConsistencyStudent(teacher.unet, teacher.schedule.config, 0.1, 1).save(tmp_path / "cm1")
+    r = evaluate_pgd_eot(tmp_path / "cm1", tmp_path / "clf" / "classifier", n=16, eps=0.3, steps=5, eot=2)
+    assert r["nfe"] == 1 and r["examples"] == 16
+    assert r["robust_accuracy"] <= r["clean_accuracy"]
+    assert r["robust_accuracy"] <= 0.5  # eps 0.3 through a barely trained purifier breaks the classifier
+
+
+def test_defended_vote_averages_probabilities():
+    from eval.defended import Defended
+
+    class Flip(torch.nn.Module):
+        calls = 0
+
+        def forward(self, x):
+            Flip.calls += 1
+            return x if Flip.calls % 2 else 1 - x
+
+    clf = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    x = torch.rand(3, 1, 2, 2)
+    voted = Defended(Flip(), clf, votes=2)(x).exp()
+    expected = (clf(x).softmax(1) + clf(1 - x).softmax(1)) / 2
+    assert torch.allclose(voted, expected, atol=1e-6)
