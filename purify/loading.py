@@ -82,7 +82,7 @@ def load_purifier(source: str | Path, device="cpu", **overrides):
         kind = meta.get("kind")
         if kind not in KINDS:
             raise ValueError(f"{folder}/purifier.json has unknown kind {kind!r}; known kinds: {', '.join(KINDS)}"
-                             " (a student kind needs `import distill` or a newer toolkit)")
+                             " (written by a newer toolkit?)")
         if meta.get("format_version", 0) > FORMAT_VERSION:
             raise ValueError(f"{folder} was written by a newer toolkit (format {meta['format_version']})")
         return KINDS[kind](folder, meta, overrides).to(device)

@@ -99,6 +99,7 @@ def test_config_yaml_overrides_and_strict_keys(tmp_path):
         load_config(Outer, None, ["lrr=3"])
     with pytest.raises(ConfigError, match="lr must be float"):
         load_config(Outer, None, ["lr=fast"])
+    assert load_config(Outer, None, ["name=no"]).name == "no"  # YAML 1.2 booleans: "no" stays a string
     save_config(cfg, tmp_path / "resolved.yaml")
     assert load_config(Outer, tmp_path / "resolved.yaml") == cfg
 
