@@ -25,9 +25,9 @@ def test_digits_is_embedded_fixed_and_in_range():
 def test_unknown_dataset_and_missing_folder_say_what_to_do(tmp_path):
     with pytest.raises(ValueError, match="known datasets"):
         load_dataset("mnist")
-    with pytest.raises(FileNotFoundError, match="unzip ../shared/data/cifar10-test-jpeg.zip"):
+    with pytest.raises(FileNotFoundError, match="cifar10-test-jpeg.zip"):
         load_dataset("cifar10-jpeg", "test", root=tmp_path)
-    with pytest.raises(FileNotFoundError, match="download=True"):
+    with pytest.raises(FileNotFoundError, match="pass download"):
         load_dataset("cifar10", "test", root=tmp_path)
 
 
