@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import shutil
 import time
@@ -21,7 +22,7 @@ import torch.nn as nn
 from torch.utils.data import Sampler
 from tqdm.auto import tqdm
 
-from .io import atomic_dir, atomic_save_tensors, atomic_write_json, load_tensors, read_json
+from .io import atomic_dir, atomic_save_tensors, atomic_write_json, atomic_write_text, load_tensors, read_json
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -167,8 +168,6 @@ class JsonlLog:
         """On resume, forget records logged after the checkpoint we went back to."""
         if self.enabled and self.path.is_file():
             keep = [l for l in self.path.read_text().splitlines() if json.loads(l).get("step", 0) <= step]
-            from .io import atomic_write_text
-
             atomic_write_text(self.path, "".join(l + "\n" for l in keep))
 
 
@@ -186,8 +185,6 @@ def start_run(out: str | Path, resume: bool) -> tuple[Path, Path | None]:
 
 def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1):
     """An Accelerator; under `accelerate launch --multi_gpu` on a machine without CUDA it runs DDP on CPUs (gloo)."""
-    import os
-
     from accelerate import Accelerator
 
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
