@@ -183,6 +183,49 @@ def start_run(out: str | Path, resume: bool) -> tuple[Path, Path | None]:
     return out, None
 
 
+def make_optimizer(cfg: LoopConfig, params):
+    """AdamW with a linear warm-up over `cfg.warmup_steps`, then a constant rate."""
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warm = max(1, cfg.warmup_steps)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+
+
+@dataclass
+class Run:
+    """An opened run folder: where it is, what to resume from, and what every loop needs."""
+
+    out: Path
+    ckpt: Path | None
+    acc: object
+    dataset: object
+    info: object
+    log: JsonlLog
+
+    def resume(self, modules: dict[str, nn.Module], optimizer, lr_scheduler) -> int:
+        """Load the checkpoint (if resuming) into these objects; returns the step to continue from."""
+        if self.ckpt is None:
+            return 0
+        step = load_train_state(self.ckpt, modules, optimizer, lr_scheduler)["step"]
+        self.log.drop_after(step)
+        self.acc.print(f"resuming {self.out} from step {step}")
+        return step
+
+
+def open_run(cfg: LoopConfig, out: str | Path, resume: bool) -> Run:
+    """Check the run folder before any work, then make the Accelerator, load the training split,
+    write the resolved config.yaml and open log.jsonl."""
+    from .config import save_config
+    from .datasets import load_dataset
+
+    out, ckpt = start_run(out, resume)
+    acc = make_accelerator(cfg.mixed_precision, cfg.grad_accum)
+    dataset, info = load_dataset(cfg.dataset, "train", root=cfg.data_root, image_size=cfg.image_size)
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    return Run(out, ckpt, acc, dataset, info, JsonlLog(out / "log.jsonl", acc.is_main_process))
+
+
 def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1):
     """An Accelerator; under `accelerate launch --multi_gpu` on a machine without CUDA it runs DDP on CPUs (gloo)."""
     from accelerate import Accelerator

@@ -9,16 +9,13 @@ from pathlib import Path
 import torch
 
 from core.checkpoint import load_classifier
-from core.config import save_config
-from core.datasets import load_dataset
 from core.io import atomic_write_json
-from core.training import JsonlLog, ema_update, fit, load_train_state, make_accelerator, make_ema, start_run
+from core.training import ema_update, fit, make_ema, make_optimizer, open_run
 from purify import ConsistencyDenoiser, ConsistencyStudent, UNetDenoiser, load_purifier
 from purify.samplers import ddim_step, heun_step
 
 from .distances import get_distance
-from .loop import StudentConfig, make_optimizer, student_inputs
-from .progressive import peak_memory_mb, student_dir
+from .loop import StudentConfig, peak_memory_mb, student_dir, student_inputs
 
 SOLVERS = ("ddim", "heun")
 
@@ -76,26 +73,18 @@ def train_consistency(cfg: ConsistencyConfig, teacher_dir: str | Path, out: str 
     t_star = cfg.t_star or teacher_p.t_star
     validate(cfg, t_star)
     distance = get_distance(cfg.distance, cfg.huber_c)
-    out, ckpt = start_run(out, resume)
-    acc = make_accelerator(cfg.mixed_precision, cfg.grad_accum)
-    ds, _ = load_dataset(cfg.dataset, "train", root=cfg.data_root, image_size=cfg.image_size)
+    run = open_run(cfg, out, resume)
+    out, acc, ds, log = run.out, run.acc, run.dataset, run.log
     classifier = load_classifier(cfg.adversarial.classifier, acc.device) if cfg.adversarial.classifier else None
     if isinstance(distance, torch.nn.Module):
         distance.to(acc.device)
-    log = JsonlLog(out / "log.jsonl", acc.is_main_process)
-    if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
 
     teacher = teacher_p.x0_net.to(acc.device).eval().requires_grad_(False)
     scalings = {"t_min": cfg.t_min, "sigma_data": cfg.sigma_data, "timestep_scaling": cfg.timestep_scaling}
     unet = copy.deepcopy(teacher_p.unet).requires_grad_(True)
     ema, target = make_ema(unet), make_ema(unet)
     opt, lr_sched = make_optimizer(cfg, unet.parameters())
-    step = 0
-    if ckpt is not None:
-        step = load_train_state(ckpt, {"student": unet, "ema": ema, "target": target}, opt, lr_sched)["step"]
-        log.drop_after(step)
+    step = run.resume({"student": unet, "ema": ema, "target": target}, opt, lr_sched)
     model, opt = acc.prepare(unet, opt)
     ema.to(acc.device), target.to(acc.device)
     kind = teacher.prediction_type

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -29,10 +30,18 @@ class StudentConfig(LoopConfig):
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
 
 
-def make_optimizer(cfg, params):
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warm = max(1, cfg.warmup_steps)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+def student_dir(out: Path, k: int) -> Path:
+    """Where a K-step student of a distillation run lands."""
+    return Path(out) / "students" / f"steps-{k}"
+
+
+def peak_memory_mb(device) -> float:
+    """Peak accelerator memory, or this process's peak resident set size on CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def student_inputs(x, y, classifier, cfg: AdversarialConfig, g: torch.Generator):

@@ -10,14 +10,12 @@ from pathlib import Path
 import torch
 
 from core.checkpoint import load_classifier
-from core.config import save_config
-from core.datasets import load_dataset
 from core.io import atomic_write_json, read_json
-from core.training import JsonlLog, ema_update, fit, load_train_state, make_accelerator, make_ema, start_run
+from core.training import ema_update, fit, load_train_state, make_ema, make_optimizer, open_run
 from purify import ProgressiveStudent, UNetDenoiser, load_purifier
 from purify.samplers import ddim_step
 
-from .loop import StudentConfig, make_optimizer, student_inputs
+from .loop import StudentConfig, peak_memory_mb, student_dir, student_inputs
 
 
 @dataclass
@@ -67,10 +65,6 @@ def rounds(cfg: ProgressiveConfig) -> list[int]:
     return [cfg.start_steps >> k for k in range(1, int(r) + 1)]
 
 
-def student_dir(out: Path, k: int) -> Path:
-    return Path(out) / "students" / f"steps-{k}"
-
-
 def train_progressive(cfg: ProgressiveConfig, teacher_dir: str | Path, out: str | Path, resume: bool = False) -> list[Path]:
     """Distil the teacher round by round; every round's student lands in OUT/students/steps-K."""
     plan = rounds(cfg)
@@ -78,17 +72,11 @@ def train_progressive(cfg: ProgressiveConfig, teacher_dir: str | Path, out: str 
         raise ValueError(f"parameterization must be v_prediction, sample or epsilon, got {cfg.parameterization!r}")
     teacher_p = load_purifier(teacher_dir)
     t_star = cfg.t_star or teacher_p.t_star
-    out, ckpt = start_run(out, resume)
-    acc = make_accelerator(cfg.mixed_precision, cfg.grad_accum)
-    ds, _ = load_dataset(cfg.dataset, "train", root=cfg.data_root, image_size=cfg.image_size)
+    run = open_run(cfg, out, resume)
+    out, ckpt, acc, ds, log = run.out, run.ckpt, run.acc, run.dataset, run.log
     classifier = load_classifier(cfg.adversarial.classifier, acc.device) if cfg.adversarial.classifier else None
-    log = JsonlLog(out / "log.jsonl", acc.is_main_process)
-    if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
     sched_cfg = teacher_p.schedule.config
-    state = load_train_state_meta(ckpt)
-    step, spr, stats = state.get("step", 0), cfg.steps_per_round, []
+    step, spr, stats = (read_json(ckpt / "state.json")["step"] if ckpt else 0), cfg.steps_per_round, []
     if ckpt is not None:
         log.drop_after(step)
     for r, k in enumerate(plan):
@@ -131,16 +119,3 @@ def train_progressive(cfg: ProgressiveConfig, teacher_dir: str | Path, out: str 
                                                "rounds": plan, "processes": acc.num_processes,
                                                "peak_memory_mb": peak_memory_mb(acc.device)})
     return [student_dir(out, k) for k in plan]
-
-
-def load_train_state_meta(ckpt) -> dict:
-    return read_json(ckpt / "state.json") if ckpt is not None else {}
-
-
-def peak_memory_mb(device) -> float:
-    """Peak accelerator memory, or this process's peak resident set size on CPU."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -9,10 +9,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from core.config import save_config
-from core.datasets import load_dataset
 from core.io import atomic_write_json
-from core.training import JsonlLog, LoopConfig, ema_update, fit, load_train_state, make_accelerator, make_ema, start_run
+from core.training import LoopConfig, ema_update, fit, make_ema, make_optimizer, open_run
 from purify import DiffPure, VPSchedule
 from purify.denoisers import PREDICTION_TYPES
 
@@ -108,9 +106,8 @@ def ddpm_loss(unet, x0, schedule: VPSchedule, k_max: int, prediction_type: str, 
 def train_teacher(cfg: TeacherConfig, out: str | Path, resume: bool = False) -> Path:
     """Train the score network and write OUT/purifier (a DiffPure teacher); returns that folder."""
     validate(cfg)
-    out, ckpt = start_run(out, resume)
-    acc = make_accelerator(cfg.mixed_precision, cfg.grad_accum)
-    ds, info = load_dataset(cfg.dataset, "train", root=cfg.data_root, image_size=cfg.image_size)
+    run = open_run(cfg, out, resume)
+    out, acc, ds, info, log = run.out, run.acc, run.dataset, run.info, run.log
     sched_cfg = scheduler_config(cfg.scheduler)
     schedule = VPSchedule.from_scheduler_config(sched_cfg)
     k_max = max(1, math.ceil(cfg.t_max * schedule.T))
@@ -118,17 +115,8 @@ def train_teacher(cfg: TeacherConfig, out: str | Path, resume: bool = False) -> 
     torch.manual_seed(cfg.seed)  # weight init only; the loop uses step-seeded generators
     unet = build_unet(cfg.unet, info.channels, info.image_size)
     ema = make_ema(unet)
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
-    step = 0
-    log = JsonlLog(out / "log.jsonl", acc.is_main_process)
-    if ckpt is not None:
-        step = load_train_state(ckpt, {"unet": unet, "ema": ema}, opt, lr_sched)["step"]
-        log.drop_after(step)
-        acc.print(f"resuming {out} from step {step}")
-    if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+    opt, lr_sched = make_optimizer(cfg, unet.parameters())
+    step = run.resume({"unet": unet, "ema": ema}, opt, lr_sched)
     model, opt = acc.prepare(unet, opt)
     ema.to(acc.device)
 
@@ -154,7 +142,7 @@ def train_teacher(cfg: TeacherConfig, out: str | Path, resume: bool = False) -> 
         teacher.save(folder)
         n_params = sum(p.numel() for p in ema.parameters())
         atomic_write_json(out / "train.json", {"seconds": seconds, "images_per_s": seen / max(seconds, 1e-9),
-                                               "resumed_from": None if ckpt is None else str(ckpt.name),
+                                               "resumed_from": None if run.ckpt is None else run.ckpt.name,
                                                "unet_parameters": n_params, "processes": acc.num_processes})
     acc.wait_for_everyone()
     return folder

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 from core.checkpoint import load_classifier
 from core.datasets import load_dataset, to_tensors
@@ -13,17 +14,25 @@ from robust_data.squeeze import accuracy
 
 
 @torch.no_grad()
+def purify_batches(purifier, x: torch.Tensor, batch_size: int = 64, seed: int | None = None,
+                   desc: str | None = None) -> tuple[torch.Tensor, float]:
+    """Purify x in batches (reseeding first when `seed` is given); returns (outputs, median s per full batch)."""
+    if seed is not None:
+        purifier.manual_seed(seed)
+    outs, times = [], []
+    for i in tqdm(range(0, len(x), batch_size), desc=desc, disable=desc is None):
+        t0 = time.perf_counter()
+        outs.append(purifier(x[i:i + batch_size]))
+        if len(outs[-1]) == batch_size or not times:
+            times.append(time.perf_counter() - t0)
+    return torch.cat(outs), sorted(times)[len(times) // 2]
+
+
 def purified_accuracy(purifier_dir, classifier_dir, dataset: str = "digits", n: int | None = None,
                       batch_size: int = 64, seed: int = 0, data_root=None) -> dict:
     """Accuracy on the test split, bare and through the purifier (seeded), with timing per batch."""
-    clf, pur = load_classifier(classifier_dir), load_purifier(purifier_dir, seed=seed)
+    clf, pur = load_classifier(classifier_dir), load_purifier(purifier_dir)
     x, y = to_tensors(load_dataset(dataset, "test", root=data_root)[0], n)
-    times, outs = [], []
-    for i in range(0, len(x), batch_size):
-        t0 = time.perf_counter()
-        outs.append(pur(x[i:i + batch_size]))
-        times.append((time.perf_counter() - t0, len(outs[-1])))
-    full = [s for s, m in times if m == batch_size] or [s for s, _ in times]
-    return {"examples": len(y), "clean_accuracy": accuracy(clf, x, y),
-            "purified_accuracy": accuracy(clf, torch.cat(outs), y), "nfe": pur.nfe, "t_star": pur.t_star,
-            "seconds_per_batch": sorted(full)[len(full) // 2], "batch_size": batch_size}
+    x_pure, seconds = purify_batches(pur, x, batch_size, seed)
+    return {"examples": len(y), "clean_accuracy": accuracy(clf, x, y), "purified_accuracy": accuracy(clf, x_pure, y),
+            "nfe": pur.nfe, "t_star": pur.t_star, "seconds_per_batch": seconds, "batch_size": batch_size}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -13,24 +12,13 @@ from core.io import atomic_write_json, atomic_write_text
 from purify import load_purifier
 from robust_data.squeeze import accuracy
 
+from .accuracy import purify_batches
+
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean over images of 10 log10(1 / MSE) for [0, 1] images."""
     mse = (a - b).double().flatten(1).square().mean(1).clamp(min=1e-12)
     return (10 * torch.log10(1 / mse)).mean().item()
-
-
-@torch.no_grad()
-def run_all(purifier, x: torch.Tensor, batch_size: int, seed: int) -> tuple[torch.Tensor, float]:
-    """Purify x in batches from a fixed seed; returns (outputs, median seconds per full batch)."""
-    purifier.manual_seed(seed)
-    outs, times = [], []
-    for i in range(0, len(x), batch_size):
-        t0 = time.perf_counter()
-        outs.append(purifier(x[i:i + batch_size]))
-        if len(outs[-1]) == batch_size or not times:
-            times.append(time.perf_counter() - t0)
-    return torch.cat(outs), sorted(times)[len(times) // 2]
 
 
 def compare(teacher: str, students: list[str], classifier: str, dataset: str = "digits", n: int | None = None,
@@ -40,8 +28,8 @@ def compare(teacher: str, students: list[str], classifier: str, dataset: str = "
     UNet in DDIM mode with K steps: what a student must beat), all fed the same noise at t_star."""
     clf = load_classifier(classifier)
     x, y = to_tensors(load_dataset(dataset, "test", root=data_root)[0], n)
-    ref_sde, t_sde = run_all(load_purifier(teacher), x, batch_size, seed)
-    ref_ode, _ = run_all(load_purifier(teacher, mode="ode"), x, batch_size, seed)
+    ref_sde, t_sde = purify_batches(load_purifier(teacher), x, batch_size, seed)
+    ref_ode, _ = purify_batches(load_purifier(teacher, mode="ode"), x, batch_size, seed)
     rows = [{"purifier": "none", "nfe": 0, "accuracy": accuracy(clf, x, y)}]
     baselines = {f"teacher DDIM-{k} (undistilled)": k for k in baseline_steps}
     for name in [teacher + " (ode)", teacher, *baselines, *students]:
@@ -50,7 +38,7 @@ def compare(teacher: str, students: list[str], classifier: str, dataset: str = "
         else:
             p = (load_purifier(teacher, mode="ode") if name.endswith(" (ode)") else
                  load_purifier(teacher, mode="ode", steps=baselines[name]) if name in baselines else load_purifier(name))
-            out_x, secs = run_all(p, x, batch_size, seed)
+            out_x, secs = purify_batches(p, x, batch_size, seed)
         rows.append({"purifier": name, "kind": p.kind, "mode": p.mode, "nfe": p.nfe,
                      "accuracy": accuracy(clf, out_x, y), "psnr_vs_teacher_sde": psnr(out_x, ref_sde),
                      "psnr_vs_teacher_ode": psnr(out_x, ref_ode), "seconds_per_batch": secs,

@@ -5,9 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
 import yaml
-from tqdm.auto import tqdm
 
 from core.checkpoint import load_classifier
 from core.config import replace, to_dict
@@ -18,6 +16,8 @@ from distill.teacher import TeacherConfig, train_teacher
 from purify import load_purifier
 from robust_data.squeeze import SqueezeConfig, accuracy, train_squeeze
 
+from .accuracy import purify_batches
+from .pgd_eot import pgd_eot
 from .plots import image_grid, training_curves
 
 EPS = 0.1  # Linf budget on digits (16x16, [0, 1]): PGD at 0.1 breaks the undefended ConvNet
@@ -36,20 +36,6 @@ def _stage(name: str, cfg, out: Path, train_fn, product: str) -> Path:
             print(f"[{name}] unchanged: reusing {folder / product}")
             return folder / product
     return train_fn(cfg, folder, resume=bool(checkpoint_dirs(folder)))
-
-
-def pgd(model, x, y, eps: float, steps: int, seed: int = 0):
-    """torchattacks PGD (Madry et al.) with a random start, step 2.5 eps / steps."""
-    import torchattacks
-
-    attack = torchattacks.PGD(model, eps=eps, alpha=2.5 * eps / steps, steps=steps, random_start=True)
-    torch.manual_seed(seed)  # torchattacks draws its random start from the global RNG
-    return attack(x, y)
-
-
-@torch.no_grad()
-def purify_all(purifier, x: torch.Tensor, batch_size: int = 64, desc: str = "purify") -> torch.Tensor:
-    return torch.cat([purifier(x[i:i + batch_size]) for i in tqdm(range(0, len(x), batch_size), desc=desc)])
 
 
 def quickstart(out: str | Path = "runs/quickstart", fast: bool = False, n_eval: int | None = None,
@@ -74,12 +60,11 @@ def quickstart(out: str | Path = "runs/quickstart", fast: bool = False, n_eval: 
     clf, teacher = load_classifier(clf_dir), load_purifier(pur_dir)
     test, _ = load_dataset("digits", "test")
     x, y = to_tensors(test, n_eval)
-    teacher.manual_seed(0)
     t0 = time.perf_counter()
-    x_pure = purify_all(teacher, x, desc="teacher (clean)")
+    x_pure, _ = purify_batches(teacher, x, seed=0, desc="teacher (clean)")
     purify_s = time.perf_counter() - t0
-    x_adv = pgd(clf, x, y, EPS, pgd_steps)
-    x_adv_pure = purify_all(teacher, x_adv, desc="teacher (adversarial)")
+    x_adv = pgd_eot(clf, x, y, EPS, pgd_steps, eot=1)  # EOT over 1 sample is plain PGD
+    x_adv_pure, _ = purify_batches(teacher, x_adv, desc="teacher (adversarial)")
     results = {
         "clean_accuracy": accuracy(clf, x, y),
         "purified_clean_accuracy": accuracy(clf, x_pure, y),

@@ -7,5 +7,6 @@ from .samplers import SAMPLERS, ddim_step, ddpm_step, sample_ode, sample_sde
 from .schedule import VPSchedule
 from .students import ConsistencyDenoiser, ConsistencyStudent, ProgressiveStudent, sample_consistency
 
-__all__ = ["ConsistencyDenoiser", "ConsistencyStudent", "DiffPure", "ProgressiveStudent", "sample_consistency", "Purifier", "SAMPLERS", "UNetDenoiser", "VPSchedule", "check_images", "ddim_step",
-           "ddpm_step", "load_purifier", "register_purifier", "sample_ode", "sample_sde"]
+__all__ = ["ConsistencyDenoiser", "ConsistencyStudent", "DiffPure", "ProgressiveStudent", "Purifier", "SAMPLERS",
+           "UNetDenoiser", "VPSchedule", "check_images", "ddim_step", "ddpm_step", "load_purifier",
+           "register_purifier", "sample_consistency", "sample_ode", "sample_sde"]

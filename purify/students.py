@@ -75,8 +75,13 @@ class ConsistencyStudent(DiffPure):
             raise ValueError(f"a consistency student samples with mode 'consistency', got {mode!r}")
         super().__init__(unet, scheduler_config, t_star, steps, "ode", prediction_type, clip_x0, seed, source)
         self.mode = "consistency"
-        self.consistency = {"t_min": 0.0, "sigma_data": 0.5, "timestep_scaling": 10.0, **(consistency or {})}
-        self.denoiser = ConsistencyDenoiser(self.denoiser, **self.consistency)
+        self.denoiser = ConsistencyDenoiser(self.denoiser, **(consistency or {}))
+
+    @property
+    def consistency(self) -> dict:
+        """The boundary scalings' settings, as stored in purifier.json."""
+        d = self.denoiser
+        return {"t_min": d.t_min, "sigma_data": d.sigma_data, "timestep_scaling": d.timestep_scaling}
 
     @property
     def x0_net(self):

@@ -10,11 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from core.checkpoint import save_classifier
-from core.config import save_config
 from core.datasets import load_dataset, to_tensors
 from core.io import atomic_write_json
 from core.models import build_classifier, classifier_config_for
-from core.training import JsonlLog, LoopConfig, fit, load_train_state, make_accelerator, start_run
+from core.training import LoopConfig, fit, open_run
 
 from .objectives import get_objective
 
@@ -70,9 +69,8 @@ def train_squeeze(cfg: SqueezeConfig, out: str | Path, resume: bool = False) -> 
     objective = get_objective(cfg.objective)
     if cfg.optimizer not in ("adamw", "sgd"):
         raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {cfg.optimizer!r}")
-    out, ckpt = start_run(out, resume)
-    acc = make_accelerator(cfg.mixed_precision, cfg.grad_accum)
-    train, info = load_dataset(cfg.dataset, "train", root=cfg.data_root, image_size=cfg.image_size)
+    run = open_run(cfg, out, resume)
+    out, acc, train, info, log = run.out, run.acc, run.dataset, run.info, run.log
     test, _ = load_dataset(cfg.dataset, "test", root=cfg.data_root, image_size=cfg.image_size)
     mcfg = classifier_config_for(info, cfg.arch, width=cfg.width, depth=cfg.depth)
     total = max(1, math.ceil(cfg.epochs * len(train) / (cfg.batch_size * cfg.grad_accum * acc.num_processes)))
@@ -87,15 +85,7 @@ def train_squeeze(cfg: SqueezeConfig, out: str | Path, resume: bool = False) -> 
     warm = max(1, cfg.warmup_steps)
     lr_sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(math.pi * min(s, total) / total))))
-    step = 0
-    log = JsonlLog(out / "log.jsonl", acc.is_main_process)
-    if ckpt is not None:
-        step = load_train_state(ckpt, {"model": model}, opt, lr_sched)["step"]
-        log.drop_after(step)
-        acc.print(f"resuming {out} from step {step}")
-    if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+    step = run.resume({"model": model}, opt, lr_sched)
     model, opt = acc.prepare(model, opt)
 
     def loss_fn(model, x, y, g):
