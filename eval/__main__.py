@@ -28,7 +28,7 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quickstart", help="the main job on the embedded digits: train, purify, report")
-    q.add_argument("--fast", action="store_true", help="tiny budgets (about 3 minutes): a smoke run, not results")
+    q.add_argument("--fast", action="store_true", help="tiny budgets (about 2 minutes): a smoke run, not results")
     q.add_argument("--out", default=None, help="run folder (default runs/quickstart, or runs/quickstart-fast)")
     a = _test_data_args(sub.add_parser("accuracy", help="clean accuracy bare and through a purifier, and s/batch"), None)
     a.add_argument("--batch-size", type=int, default=64)
