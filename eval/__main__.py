@@ -1,12 +1,13 @@
 """python -m eval quickstart [--fast] [--out DIR]
 python -m eval accuracy --purifier DIR --classifier DIR [--n N]
-python -m eval pgd-eot --purifier DIR --classifier DIR [--eps 0.1 --steps 40 --eot 4 --n 128]
-python -m eval compare --teacher DIR --student DIR [--student DIR ...] --classifier DIR [--out DIR]"""
+python -m eval compare --teacher DIR --student DIR [--student DIR ...] --classifier DIR [--out DIR]
+python -m eval robustness --config configs/digits/eval.yaml --out DIR [key=value ...]
+python -m eval latency --purifier A [--purifier B ...] [--classifier C] --batch-size 1 --batch-size 64 --out DIR"""
 
 import argparse
 import json
 
-from core.cli import run_or_exit
+from core.cli import add_run_args, resolve, run_or_exit
 
 from .quickstart import quickstart
 
@@ -40,11 +41,19 @@ def main(argv=None):
     c.add_argument("--out", default=None, help="folder for compare.json and compare.md")
     c.add_argument("--baseline-steps", type=int, nargs="*", default=[1, 2, 4],
                    help="also time the teacher's own UNet as a K-step DDIM sampler (undistilled baselines)")
-    e = _test_data_args(sub.add_parser("pgd-eot", help="adaptive PGD-EOT with full gradients through the purifier"),
-                        128)
-    e.add_argument("--eps", type=float, default=0.1)
-    e.add_argument("--steps", type=int, default=40)
-    e.add_argument("--eot", type=int, default=4)
+    add_run_args(sub.add_parser("robustness", help="the attack harness: defenses x attacks, R evaluations, checks"),
+                 "configs/digits/eval.yaml")
+    lat = sub.add_parser("latency", help="seconds per batch of each purifier, alone and with the classifier")
+    lat.add_argument("--purifier", action="append", required=True, help="a purifier folder (repeatable)")
+    lat.add_argument("--classifier", default=None, help="also time purifier + this classifier")
+    lat.add_argument("--batch-size", type=int, action="append", default=None, help="repeatable (default 1 and 64)")
+    lat.add_argument("--out", default=None, help="folder for latency.json and latency.md")
+    lat.add_argument("--warmup", type=int, default=2)
+    lat.add_argument("--repeats", type=int, default=10)
+    lat.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    lat.add_argument("--autocast", choices=["bf16", "fp16"], default=None, help="also time under autocast")
+    lat.add_argument("--channels-last", action="store_true", help="also time with channels_last tensors")
+    lat.add_argument("--compile", action="store_true", help="also time a torch.compile'd module")
     args = p.parse_args(argv)
 
     if args.command == "quickstart":
@@ -62,11 +71,18 @@ def main(argv=None):
         result = run_or_exit(compare, args.teacher, args.student, args.classifier, args.dataset, args.n,
                              args.batch_size, args.seed, args.out, args.data_root, tuple(args.baseline_steps))
         print(render(result["rows"], result["examples"], args.batch_size))
-    elif args.command == "pgd-eot":
-        from .pgd_eot import evaluate_pgd_eot
+    elif args.command == "robustness":
+        from .robustness import EvalConfig, run_robustness
 
-        print(json.dumps(run_or_exit(evaluate_pgd_eot, args.purifier, args.classifier, args.dataset, args.n,
-                                     args.eps, args.steps, args.eot, args.seed, args.data_root), indent=2))
+        cfg = resolve(EvalConfig, args)
+        run_or_exit(run_robustness, cfg, args.out)
+        print(f"report written to {args.out}/report.md")
+    elif args.command == "latency":
+        from .latency import run_latency
+
+        run_or_exit(run_latency, args.purifier, args.classifier, args.batch_size or [1, 64], args.out,
+                    warmup=args.warmup, repeats=args.repeats, device=args.device, autocast=args.autocast,
+                    channels_last=args.channels_last, compile=args.compile)
 
 
 if __name__ == "__main__":

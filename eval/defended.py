@@ -7,13 +7,20 @@ import torch.nn as nn
 
 
 class Defended(nn.Module):
-    """classifier(purifier(x)); with `votes` > 1, the mean softmax over that many independent purifications."""
+    """classifier(purifier(x)); with `votes` > 1, the mean softmax over that many independent purifications.
+
+    Always in eval mode: torchattacks calls `model.train()` after an attack on a model it found in training
+    mode, which would let BatchNorm layers of a shared classifier update their statistics while scoring."""
 
     def __init__(self, purifier: nn.Module | None, classifier: nn.Module, votes: int = 1):
         super().__init__()
         if votes < 1:
             raise ValueError(f"votes must be at least 1, got {votes}")
-        self.purifier, self.classifier, self.votes = purifier, classifier.eval(), votes
+        self.purifier, self.classifier, self.votes = purifier, classifier, votes
+        self.eval()
+
+    def train(self, mode: bool = True) -> "Defended":
+        return super().train(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.purifier is None:

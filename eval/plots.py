@@ -44,3 +44,19 @@ def training_curves(logs: dict[str, Path], path: str | Path, key: str = "loss") 
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def robust_vs_eps(curves: dict[str, list[tuple[float, float]]], path: str | Path, chance: float | None = 0.1) -> Path:
+    """Robust accuracy against epsilon, one line per defense."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, pts in curves.items():
+        ax.plot([e for e, _ in pts], [100 * a for _, a in pts], marker="o", label=name)
+    if chance:
+        ax.axhline(100 * chance, color="grey", ls=":", lw=1, label="chance")
+    ax.set_xlabel("epsilon"), ax.set_ylabel("robust accuracy (%)"), ax.set_ylim(0, 100)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
 from core.checkpoint import load_classifier
@@ -17,7 +18,7 @@ from purify import load_purifier
 from robust_data.squeeze import SqueezeConfig, accuracy, train_squeeze
 
 from .accuracy import purify_batches
-from .pgd_eot import pgd_eot
+from .attacks import build_attack
 from .plots import image_grid, training_curves
 
 EPS = 0.1  # Linf budget on digits (16x16, [0, 1]): PGD at 0.1 breaks the undefended ConvNet
@@ -63,7 +64,9 @@ def quickstart(out: str | Path = "runs/quickstart", fast: bool = False, n_eval: 
     t0 = time.perf_counter()
     x_pure, _ = purify_batches(teacher, x, seed=0, desc="teacher (clean)")
     purify_s = time.perf_counter() - t0
-    x_adv = pgd_eot(clf, x, y, EPS, pgd_steps, eot=1)  # EOT over 1 sample is plain PGD
+    torch.manual_seed(0)  # torchattacks' random start
+    pgd = build_attack("pgd", clf, "Linf", EPS, n_classes=10, steps=pgd_steps)
+    x_adv = torch.cat([pgd(x[i:i + 64], y[i:i + 64]) for i in range(0, len(x), 64)])
     x_adv_pure, _ = purify_batches(teacher, x_adv, desc="teacher (adversarial)")
     results = {
         "clean_accuracy": accuracy(clf, x, y),

@@ -1,0 +1,297 @@
+"""The attack harness: clean and robust accuracy of any classifier, with or without a purifier, under named
+attacks; R independent evaluations (average and worst case) for stochastic defenses; gradient-masking checks.
+
+Work is cut into (job, batch) items, each seeded from (seed, job, batch) alone, so an item gives the same
+result on any process and after any interruption: items are sharded across `accelerate` processes,
+gathered on the main one, and appended to `examples.jsonl`, from which an interrupted run resumes."""
+
+from __future__ import annotations
+
+import json
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from core.io import atomic_save_tensors
+from core.training import make_accelerator
+
+from .attacks import (ATTACKS, BPDA, NEEDS_PURIFIER, STEPS, build_attack, check_attack, large_eps, preset_eps)
+from .checks import accuracy_checks, seed_checks
+from .defended import Defended
+
+
+@dataclass(frozen=True)
+class Job:
+    """One pass over (a prefix of) the examples: `attack` None is the clean evaluation."""
+
+    key: str
+    attack: str | None
+    eps: float
+    steps: int | None
+    r: int = 0
+    n: int | None = None
+
+
+def item_seed(seed: int, key: str, batch: int) -> int:
+    return zlib.crc32(f"{seed}/{key}/{batch}".encode()) & 0x7FFFFFFF
+
+
+def purifier_of(model: nn.Module):
+    return model.purifier if isinstance(model, Defended) else None
+
+
+def _read_records(path: Path | None) -> dict:
+    """(key, batch) -> record; a torn last line (killed mid-write) is ignored."""
+    done = {}
+    if path is not None and path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done[rec["key"], rec["batch"]] = rec
+    return done
+
+
+class _Runner:
+    """Runs one (job, batch) item: seeds, crafts, scores."""
+
+    def __init__(self, model, x, y, *, norm, n_classes, seed, eot, queries, batch_size, grad_checkpoint,
+                 transfer_source, samples_dir):
+        self.model, self.x, self.y = model, x, y
+        self.norm, self.n_classes, self.seed, self.eot, self.queries = norm, n_classes, seed, eot, queries
+        self.batch_size, self.transfer_source, self.samples_dir = batch_size, transfer_source, samples_dir
+        self.purifier = purifier_of(model)
+        self.grad_checkpoint = grad_checkpoint
+
+    def target(self, attack: str) -> nn.Module:
+        if attack == "bpda-eot":
+            m = self.model
+            return Defended(BPDA(m.purifier), m.classifier, m.votes)
+        if attack == "transfer":
+            return self.transfer_source
+        return self.model
+
+    def __call__(self, job: Job, batch: int) -> dict:
+        sl = slice(batch * self.batch_size, (batch + 1) * self.batch_size)
+        x, y = self.x[sl], self.y[sl]
+        s = item_seed(self.seed, job.key, batch)
+        torch.manual_seed(s)  # torchattacks' PGD/MIM random starts draw from the global RNG
+        for p in (self.purifier, purifier_of(self.transfer_source) if self.transfer_source is not None else None):
+            if p is not None:
+                p.manual_seed(s)
+        t0 = time.perf_counter()
+        broken = None
+        if job.attack is None:
+            x_adv = x
+        else:
+            attack = build_attack(job.attack, self.target(job.attack), self.norm, job.eps, n_classes=self.n_classes,
+                                  seed=s, eot=self.eot, steps=job.steps, queries=self.queries)
+            with self.checkpointing(job.attack):
+                out = attack(x, y)
+            x_adv, broken = out if isinstance(out, tuple) else (out, None)
+        if self.purifier is not None:
+            self.purifier.manual_seed(s + 1)  # score with noise the attacker did not see
+        with torch.no_grad():
+            correct = (self.model(x_adv).argmax(1) == y).tolist()
+        if batch == 0 and job.attack is not None and self.samples_dir is not None:
+            atomic_save_tensors({"adversarial": x_adv[:8].detach().cpu().contiguous()},
+                                self.samples_dir / f"{job.key.replace('/', '_')}.safetensors")
+        rec = {"key": job.key, "batch": batch, "correct": correct, "seconds": time.perf_counter() - t0}
+        if broken is not None:
+            rec["broken_by"] = broken
+        return rec
+
+    def checkpointing(self, attack: str):
+        """Gradient checkpointing through long purifiers while a full-gradient attack runs."""
+        p = self.purifier
+        on = p is not None and hasattr(p, "set_grad_checkpoint") and attack != "bpda-eot" and (
+            self.grad_checkpoint is True or (self.grad_checkpoint == "auto" and getattr(p, "nfe", 0) > 8))
+        return _Toggle(p, on)
+
+
+class _Toggle:
+    def __init__(self, purifier, on: bool):
+        self.p, self.on = purifier, on
+
+    def __enter__(self):
+        if self.on:
+            self.p.set_grad_checkpoint(True)
+
+    def __exit__(self, *exc):
+        if self.on:
+            self.p.set_grad_checkpoint(False)
+
+
+def plan(attacks, evals: int, stochastic: bool, eps: float, steps: dict, sweep_eps, sweep_n, check_steps: bool,
+         check_n, has_purifier: bool) -> tuple[list[Job], dict]:
+    """The jobs of one evaluation and the attacks skipped (with the reason)."""
+    R = evals if stochastic else 1
+    jobs = [Job(f"clean/{r}", None, eps, None, r) for r in range(R)]
+    skipped = {}
+    for a in attacks:
+        if a in NEEDS_PURIFIER and not has_purifier:
+            skipped[a] = "needs a purifier in front of the classifier"
+            continue
+        jobs += [Job(f"{a}/{r}", a, eps, steps.get(a), r) for r in range(R)]
+    primary = next((a for a in (("pgd-eot", "pgd") if has_purifier else ("pgd", "pgd-eot")) if a in attacks), None)
+    if primary and sweep_eps:
+        jobs += [Job(f"sweep/{primary}/{e:g}", primary, float(e), steps.get(primary), 0, sweep_n)
+                 for e in sweep_eps]
+    if primary and check_steps:
+        base = steps.get(primary) or STEPS[primary]
+        jobs.append(Job(f"check/{primary}/x2", primary, eps, 2 * base, 0, check_n))
+    return jobs, skipped
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks=("pgd",), evals: int = 1, *,
+             norm: str = "Linf", eps: float | None = None, dataset: str | None = None, eot: int = 20,
+             steps: dict | None = None, queries: int = 5000, batch_size: int = 64, seed: int = 0,
+             sweep_eps=None, sweep_n: int | None = None, check_steps: bool = True, check_n: int | None = None,
+             tolerance: float = 0.02, transfer_source: nn.Module | None = None, grad_checkpoint="auto",
+             out: str | Path | None = None, accelerator=None, progress: str | None = "eval") -> dict:
+    """Clean and robust accuracy of `model` on (x, y) under each named attack; see eval.attacks for the names.
+
+    A model with a purifier (`eval.Defended`) is evaluated `evals` times with fresh randomness (attack and
+    purifier): the report gives the average robust accuracy and the worst case (an example counts as robust
+    only if it survives every evaluation). `out`: a folder for per-example records, resumed when present."""
+    steps = dict(steps or {})
+    eps = eps if eps is not None else preset_eps(dataset or "", norm)
+    for a in attacks:
+        check_attack(a, norm)
+    unknown = sorted(set(steps) - set(ATTACKS))
+    if unknown:
+        raise ValueError(f"steps given for unknown attack(s) {', '.join(unknown)}; known: {', '.join(ATTACKS)}")
+    if "transfer" in attacks and transfer_source is None:
+        raise ValueError("the transfer attack needs transfer_source (the defense to craft the examples on)")
+    if x.dim() != 4 or len(x) != len(y) or len(x) == 0:
+        raise ValueError(f"expected a non-empty NCHW batch and as many labels, got {tuple(x.shape)} and "
+                         f"{tuple(y.shape)}")
+    if evals < 1:
+        raise ValueError(f"evals must be at least 1, got {evals}")
+    if x.min() < 0 or x.max() > 1:
+        raise ValueError(f"images must be in [0, 1], got [{x.min().item():.3g}, {x.max().item():.3g}]")
+    acc = accelerator or make_accelerator()
+    device = acc.device
+    model = model.to(device).eval().requires_grad_(False)
+    if transfer_source is not None:
+        transfer_source = transfer_source.to(device).eval().requires_grad_(False)
+    x, y = x.to(device), y.to(device)
+    n = len(y)
+    purifier = purifier_of(model)
+    stochastic = purifier is not None
+    with torch.no_grad():
+        n_classes = model(x[:2]).shape[1]
+
+    flags = seed_checks(purifier, x[:min(16, n)], seed) if stochastic else []
+    jobs, skipped = plan(attacks, evals, stochastic, eps, steps, sweep_eps, sweep_n or n, check_steps,
+                         check_n or n, purifier is not None)
+    out = Path(out) if out is not None else None
+    log = out / "examples.jsonl" if out is not None else None
+    samples = out / "samples" if out is not None else None
+    if samples is not None and acc.is_main_process:
+        samples.mkdir(parents=True, exist_ok=True)
+    records = _read_records(log)
+    items = [(j, b) for j in jobs for b in range(-(-min(j.n or n, n) // batch_size)) if (j.key, b) not in records]
+    runner = _Runner(model, x, y, norm=norm, n_classes=n_classes, seed=seed, eot=eot if stochastic else 1,
+                     queries=queries, batch_size=batch_size, grad_checkpoint=grad_checkpoint,
+                     transfer_source=transfer_source, samples_dir=samples)
+    world, rank = acc.num_processes, acc.process_index
+    bar = tqdm(total=len(items), desc=progress, disable=progress is None or not acc.is_main_process)
+    for start in range(0, len(items), world):
+        mine = items[start + rank] if start + rank < len(items) else None
+        rec = runner(*mine) if mine is not None else None
+        got = [r for r in _gather(acc, rec) if r is not None]
+        if acc.is_main_process and log is not None:
+            with log.open("a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in got)
+        for r in got:
+            records[r["key"], r["batch"]] = r
+        bar.update(len(got))
+    bar.close()
+    names = [a for a in attacks if a not in skipped]
+    result = summarize(names, evals if stochastic else 1, jobs, records, y.cpu(), n,
+                       batch_size, stochastic, chance=1 / n_classes, tolerance=tolerance, flags=flags)
+    result.update(threat={"norm": norm, "eps": eps, "large_eps": large_eps(norm, x.shape[1:])},
+                  budgets=budgets(names, steps, eot if stochastic else 1, queries), skipped=skipped,
+                  evals=evals if stochastic else 1, stochastic=stochastic, examples=n,
+                  nfe=getattr(purifier, "nfe", 0))
+    return result
+
+
+def _gather(acc, rec):
+    if acc.num_processes == 1:
+        return [rec]
+    from accelerate.utils import gather_object
+
+    return gather_object([rec])
+
+
+def budgets(attacks, steps: dict, eot: int, queries: int) -> dict:
+    """What each attack was allowed, in words a reader can check."""
+    out = {}
+    for a in attacks:
+        k = steps.get(a) or STEPS[a]
+        out[a] = {"pgd": f"{k} steps, step 2.5 eps/{k}, random start",
+                  "pgd-eot": f"{k} steps x EOT {eot}, full gradient through every purifier step",
+                  "bpda-eot": f"{k} steps x EOT {eot}, identity backward through the purifier",
+                  "transfer": f"pgd-eot on the source defense, {k} steps x EOT {eot}",
+                  "cw": f"{k} steps on the CW margin loss",
+                  "mim": f"{k} steps, decay 1.0",
+                  "fgsm": "one step",
+                  "square": f"{queries} queries",
+                  "autoattack": f"APGD-CE, APGD-T, FAB-T {k} steps each, Square {queries} queries",
+                  "autoattack-rand": f"APGD-CE, APGD-DLR {k} steps x EOT {eot}"}[a]
+    return out
+
+
+def _matrix(records, key_prefix: str, R: int, batches: int) -> tuple[torch.Tensor, list]:
+    rows, broken = [], []
+    for r in range(R):
+        recs = [records[f"{key_prefix}/{r}", b] for b in range(batches)]
+        rows.append(torch.tensor([c for rec in recs for c in rec["correct"]], dtype=torch.bool))
+        broken += [c for rec in recs for c in rec.get("broken_by", [])]
+    return torch.stack(rows), broken
+
+
+def summarize(names, R, jobs, records, y, n, batch_size, stochastic, chance, tolerance, flags) -> dict:
+    """Aggregate per-example records into the report: averages, worst cases, per-example results, flags."""
+    batches = -(-n // batch_size)
+
+    def stats(m):
+        return {"average": m.float().mean().item(), "worst": m.all(0).float().mean().item(),
+                "per_eval": m.float().mean(1).tolist()}
+
+    def prefix(job):
+        nb = -(-min(job.n or n, n) // batch_size)
+        return [v for b in range(nb) for v in records[job.key, b]["correct"]]
+
+    clean_m, _ = _matrix(records, "clean", R, batches)
+    attacks, mats, seconds = {}, {}, {}
+    for name in names:
+        mats[name], broken = _matrix(records, name, R, batches)
+        attacks[name] = stats(mats[name])
+        if broken:
+            attacks[name]["broken_by"] = {k: broken.count(k) / (R * n) for k in dict.fromkeys(broken) if k}
+        seconds[name] = sum(records[f"{name}/{r}", b]["seconds"] for r in range(R) for b in range(batches))
+    seconds["clean"] = sum(records[f"clean/{r}", b]["seconds"] for r in range(R) for b in range(batches))
+    sweep = [(j.eps, sum(c) / len(c)) for j in jobs if j.key.startswith("sweep/") for c in [prefix(j)]]
+    doubled = None
+    for j in jobs:
+        if j.key.startswith("check/"):
+            c2 = prefix(j)
+            c1 = mats[j.attack][0, :len(c2)].tolist()
+            doubled = {"attack": j.attack, "steps": j.steps // 2, "base": sum(c1) / len(c1),
+                       "doubled": sum(c2) / len(c2), "examples": len(c2)}
+    clean = stats(clean_m)
+    flags = flags + accuracy_checks(clean["average"], attacks, sweep, doubled, n, chance, tolerance, stochastic)
+    worst_all = torch.stack(list(mats.values())).all(0).all(0).float().mean().item() if mats else None
+    per_example = {"label": y.tolist(), "clean": clean_m.T.tolist(), **{k: m.T.tolist() for k, m in mats.items()}}
+    return {"clean": clean, "attacks": attacks, "worst_over_attacks": worst_all,
+            "sweep": [{"eps": e, "accuracy": a} for e, a in sweep], "doubled_steps": doubled, "flags": flags,
+            "raised": [f["name"] for f in flags if f["raised"]], "per_example": per_example, "seconds": seconds}

@@ -1,0 +1,142 @@
+"""`python -m eval latency`: seconds per batch of each purifier, alone and with the classifier behind it.
+
+Warm-up before timing, `torch.inference_mode`, CUDA events and synchronisation on GPU; each optional
+speed-up (autocast, channels_last, torch.compile) is measured as its own row beside the plain one."""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from core.checkpoint import load_classifier
+from core.io import atomic_write_json, atomic_write_text
+from purify import load_purifier
+
+from .defended import Defended
+
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _timer(device: torch.device):
+    """A function that times one call: CUDA events on GPU, perf_counter on CPU."""
+    if device.type == "cuda":
+        def timed(fn):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            return start.elapsed_time(end) / 1000
+    else:
+        def timed(fn):
+            t0 = time.perf_counter()
+            fn()
+            return time.perf_counter() - t0
+    return timed
+
+
+def time_module(module, x: torch.Tensor, warmup: int = 2, repeats: int = 10, autocast: str | None = None) -> dict:
+    """Median and p90 seconds per call of `module(x)` after `warmup` calls; peak CUDA memory."""
+    device = x.device
+    timed = _timer(device)
+    amp = (torch.autocast(device.type, dtype=AUTOCAST[autocast]) if autocast else contextlib.nullcontext())
+    with torch.inference_mode(), amp:
+        for _ in range(warmup):
+            module(x)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times = sorted(timed(lambda: module(x)) for _ in range(repeats))
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return {"median_s": statistics.median(times), "p90_s": times[min(len(times) - 1, round(0.9 * (len(times) - 1)))],
+            "peak_memory_mb": peak}
+
+
+def variants(autocast: str | None, channels_last: bool, compile: bool) -> list[dict]:
+    """The plain setting, then each requested speed-up alone (so each is measured, not assumed)."""
+    out = [{"name": "plain"}]
+    if autocast:
+        if autocast not in AUTOCAST:
+            raise ValueError(f"unknown autocast dtype {autocast!r}; known: {', '.join(AUTOCAST)}")
+        out.append({"name": f"autocast-{autocast}", "autocast": autocast})
+    if channels_last:
+        out.append({"name": "channels-last", "channels_last": True})
+    if compile:
+        out.append({"name": "compile", "compile": True})
+    return out
+
+
+def benchmark(purifiers: dict, classifier=None, batch_sizes=(1, 64), warmup: int = 2, repeats: int = 10,
+              device: str | None = None, autocast: str | None = None, channels_last: bool = False,
+              compile: bool = False, seed: int = 0) -> list[dict]:
+    """One row per (variant, purifier, batch size, alone / with classifier); speed-up against the first purifier."""
+    if not purifiers:
+        raise ValueError("give at least one purifier to time")
+    if any(b < 1 for b in batch_sizes):
+        raise ValueError(f"batch sizes must be positive, got {list(batch_sizes)}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rows = []
+    plan = [(v, label, b, with_clf) for v in variants(autocast, channels_last, compile) for label in purifiers
+            for b in batch_sizes for with_clf in ([False, True] if classifier is not None else [False])]
+    for v, label, b, with_clf in tqdm(plan, desc="latency"):
+        pur = purifiers[label].to(device).manual_seed(seed)
+        module = Defended(pur, classifier.to(device)) if with_clf else pur
+        x = torch.rand(b, pur.channels, *pur.image_size, generator=torch.Generator().manual_seed(seed)).to(device)
+        if v.get("channels_last"):
+            module, x = module.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        if v.get("compile"):
+            module = torch.compile(module)
+        r = time_module(module, x, warmup, repeats, v.get("autocast"))
+        if v.get("channels_last"):
+            module.to(memory_format=torch.contiguous_format)
+        rows.append({"variant": v["name"], "purifier": label, "with_classifier": with_clf, "batch_size": b,
+                     "nfe": pur.nfe, **r, "images_per_s": b / r["median_s"], "ms_per_image": 1000 * r["median_s"] / b})
+    for row in rows:
+        ref = next(r for r in rows if r["variant"] == row["variant"] and r["batch_size"] == row["batch_size"]
+                   and r["with_classifier"] == row["with_classifier"])
+        row["speedup"] = ref["median_s"] / row["median_s"]
+    return rows
+
+
+def render(rows: list[dict], device: str) -> str:
+    head = ["variant", "purifier", "+classifier", "batch", "NFE", "median s", "p90 s", "images/s", "ms/image",
+            "peak MB", "speed-up"]
+    lines = [f"# Defense latency ({device})", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        peak = "n/a (CPU)" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
+        lines.append(f"| {r['variant']} | {r['purifier']} | {'yes' if r['with_classifier'] else 'no'} | "
+                     f"{r['batch_size']} | {r['nfe']} | {r['median_s']:.4f} | {r['p90_s']:.4f} | "
+                     f"{r['images_per_s']:.1f} | {r['ms_per_image']:.2f} | {peak} | {r['speedup']:.1f}x |")
+    lines += ["", "Speed-up: the first purifier's median time over this row's, same variant, batch and "
+              "classifier setting. Peak memory is torch.cuda.max_memory_allocated (not measured on CPU).", ""]
+    return "\n".join(lines)
+
+
+def run_latency(purifier_dirs: list[str], classifier_dir: str | None, batch_sizes, out: str | Path | None,
+                **kw) -> list[dict]:
+    """Load, time, write OUT/latency.json and OUT/latency.md."""
+    if not purifier_dirs:
+        raise ValueError("give at least one --purifier folder")
+    purifiers = {}
+    for d in purifier_dirs:
+        p = load_purifier(d)
+        label = f"{p.kind}-{p.nfe}"
+        purifiers[label if label not in purifiers else f"{label}-{len(purifiers)}"] = p
+    classifier = load_classifier(classifier_dir) if classifier_dir else None
+    rows = benchmark(purifiers, classifier, batch_sizes, **kw)
+    device = kw.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    text = render(rows, name)
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "latency.json", {"device": name, "purifiers": dict(zip(purifiers, purifier_dirs)),
+                                                 "rows": rows})
+        atomic_write_text(out / "latency.md", text)
+    print(text)
+    return rows

@@ -1,0 +1,213 @@
+"""`python -m eval robustness`: one classifier, several defenses in front of it, the harness on each, one report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from core.checkpoint import load_classifier
+from core.config import save_config, to_dict
+from core.datasets import load_dataset, to_tensors
+from core.io import atomic_write_json, atomic_write_text, load_tensors
+from core.training import make_accelerator
+from purify import load_purifier
+
+from .attacks import ATTACKS, NORMS, check_attack, preset_eps
+from .defended import Defended
+from .harness import evaluate
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate and how hard to attack it (the defaults: digits, the quickstart's folders)."""
+
+    dataset: str = "digits"
+    data_root: str | None = None
+    classifier: str = "runs/quickstart/classifier/classifier"
+    # "none" (the bare classifier), a purifier folder, or {purifier: DIR, label: ..., and any of
+    # n, evals, eot, steps, attacks, sweep_eps, sweep_n, check_steps, check_n, votes for that defense}
+    defenses: list = field(default_factory=lambda: ["none", "runs/quickstart/teacher/purifier"])
+    attacks: list[str] = field(default_factory=lambda: ["pgd", "autoattack", "pgd-eot", "bpda-eot"])
+    norm: str = "Linf"
+    eps: float | None = None  # None: the dataset's preset (eval.attacks.EPS_PRESETS)
+    n: int | None = 256
+    evals: int = 3  # R independent evaluations of a stochastic defense
+    eot: int = 20
+    steps: dict = field(default_factory=dict)  # per-attack step counts, e.g. {pgd-eot: 50}
+    queries: int = 5000  # Square
+    votes: int = 1
+    transfer_from: str | None = None  # purifier folder the transfer attack crafts on
+    sweep_eps: list[float] = field(default_factory=list)
+    sweep_n: int | None = 64
+    check_steps: bool = True
+    check_n: int | None = 64
+    tolerance: float = 0.02
+    grad_checkpoint: str = "auto"  # auto: on for purifiers with more than 8 steps; "true" / "false"
+    batch_size: int = 64
+    seed: int = 0
+
+
+OVERRIDES = ("n", "evals", "eot", "steps", "attacks", "sweep_eps", "sweep_n", "check_steps", "check_n", "votes")
+
+
+def defenses(cfg: EvalConfig) -> list[dict]:
+    """Each defense as {label, purifier, settings...}, checked before any work."""
+    out, labels = [], set()
+    for d in cfg.defenses:
+        d = {"purifier": d} if isinstance(d, str) else dict(d)
+        unknown = sorted(set(d) - {"purifier", "label", *OVERRIDES})
+        if unknown:
+            raise ValueError(f"unknown key(s) {', '.join(unknown)} in a defenses entry; valid: purifier, label, "
+                             f"{', '.join(OVERRIDES)}")
+        if "purifier" not in d:
+            raise ValueError(f"a defenses entry needs a purifier (a folder or 'none'), got {d}")
+        bare = d["purifier"] in (None, "none")
+        if not bare and not Path(d["purifier"]).is_dir():
+            raise FileNotFoundError(f"purifier folder {d['purifier']} does not exist")
+        label = d.get("label") or ("undefended" if bare else _label(d["purifier"]))
+        base, i = label, 2
+        while label in labels:
+            label, i = f"{base}-{i}", i + 1
+        labels.add(label)
+        settings = {k: d.get(k, getattr(cfg, k)) for k in OVERRIDES}
+        for a in settings["attacks"]:
+            check_attack(a, cfg.norm)
+        out.append({"label": label, "purifier": None if bare else str(d["purifier"]), **settings})
+    return out
+
+
+def _label(folder) -> str:
+    """'consistency-1' from a purifier folder's purifier.json, else the folder's name."""
+    meta = Path(folder) / "purifier.json"
+    if meta.is_file():
+        c = yaml.safe_load(meta.read_text())
+        return f"{c.get('kind', 'purifier')}-{c.get('nfe', c.get('steps', ''))}"
+    return Path(folder).name
+
+
+def check(cfg: EvalConfig) -> None:
+    if cfg.norm not in NORMS:
+        raise ValueError(f"unknown norm {cfg.norm!r}; known: {', '.join(NORMS)}")
+    for a in cfg.attacks:
+        check_attack(a, cfg.norm)
+    if set(cfg.steps) - set(ATTACKS):
+        raise ValueError(f"steps for unknown attack(s) {sorted(set(cfg.steps) - set(ATTACKS))}")
+    if cfg.grad_checkpoint not in ("auto", "true", "false"):
+        raise ValueError(f"grad_checkpoint must be auto, true or false, got {cfg.grad_checkpoint!r}")
+    if not Path(cfg.classifier).is_dir():
+        raise FileNotFoundError(f"classifier folder {cfg.classifier} does not exist (train one with "
+                                "`python -m robust_data squeeze` or `python -m eval quickstart`)")
+    if any(a == "transfer" for d in defenses(cfg) for a in d["attacks"]) and not cfg.transfer_from:
+        raise ValueError("the transfer attack needs transfer_from: the purifier folder to craft the examples on")
+
+
+def run_robustness(cfg: EvalConfig, out: str | Path) -> dict:
+    """Evaluate every defense in `cfg`; write OUT/report.{json,md}, OUT/<label>/ records and the plots."""
+    check(cfg)
+    plan = defenses(cfg)
+    out = Path(out)
+    saved = out / "config.yaml"
+    if saved.is_file() and yaml.safe_load(saved.read_text()) != to_dict(cfg):
+        raise FileExistsError(f"{out} holds an evaluation with another config; choose another --out")
+    acc = make_accelerator()
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, saved)
+    acc.wait_for_everyone()
+    eps = cfg.eps if cfg.eps is not None else preset_eps(cfg.dataset, cfg.norm)
+    classifier = load_classifier(cfg.classifier)
+    transfer = (Defended(load_purifier(cfg.transfer_from), classifier) if cfg.transfer_from else None)
+    results = {}
+    for i, d in enumerate(plan):
+        x, y = to_tensors(load_dataset(cfg.dataset, "test", root=cfg.data_root)[0], d["n"], seed=cfg.seed)
+        purifier = load_purifier(d["purifier"]) if d["purifier"] else None
+        model = Defended(purifier, classifier, d["votes"])
+        gc = {"auto": "auto", "true": True, "false": False}[cfg.grad_checkpoint]
+        results[d["label"]] = r = evaluate(
+            model, x, y, d["attacks"], d["evals"], norm=cfg.norm, eps=eps, eot=d["eot"], steps=d["steps"],
+            queries=cfg.queries, batch_size=cfg.batch_size, seed=cfg.seed, sweep_eps=d["sweep_eps"],
+            sweep_n=d["sweep_n"], check_steps=d["check_steps"], check_n=d["check_n"], tolerance=cfg.tolerance,
+            transfer_source=transfer, grad_checkpoint=gc, out=out / d["label"], accelerator=acc,
+            progress=f"[{i + 1}/{len(plan)}] {d['label']}")
+        r.update(label=d["label"], purifier=d["purifier"], votes=d["votes"])
+        if acc.is_main_process:
+            atomic_write_json(out / d["label"] / "report.json", r)
+            _grid(out / d["label"], x, purifier, d["attacks"], cfg.seed)
+    report = {"dataset": cfg.dataset, "classifier": cfg.classifier, "config": to_dict(cfg), "defenses": results}
+    if acc.is_main_process:
+        atomic_write_json(out / "report.json", report, sort_keys=False)
+        atomic_write_text(out / "report.md", render(report))
+        _plots(out, results)
+    return report
+
+
+def _grid(folder: Path, x: torch.Tensor, purifier, attacks, seed: int) -> None:
+    """clean / adversarial / purified images for the first attack that saved samples."""
+    from .plots import image_grid
+
+    for a in attacks:
+        f = folder / "samples" / f"{a}_0.safetensors"
+        if f.is_file():
+            adv = load_tensors(f)["adversarial"]
+            rows = {"clean": x[:len(adv)], f"adversarial ({a})": adv}
+            if purifier is not None:
+                with torch.no_grad():
+                    rows["purified"] = purifier.manual_seed(seed)(adv)
+            image_grid(rows, folder / "grid.png")
+            return
+
+
+def _plots(out: Path, results: dict) -> None:
+    from .plots import robust_vs_eps
+
+    curves = {k: [(s["eps"], s["accuracy"]) for s in r["sweep"]] for k, r in results.items() if r["sweep"]}
+    if curves:
+        robust_vs_eps(curves, out / "robust_vs_eps.png")
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def render(report: dict) -> str:
+    """The report a person reads: one table over defenses, budgets, flags with their meaning."""
+    res = report["defenses"]
+    attacks = list(dict.fromkeys(a for r in res.values() for a in r["attacks"]))
+    head = ["defense", "NFE", "R", "n", "clean avg / worst"] + [f"{a} avg / worst" for a in attacks] + ["all attacks"]
+    lines = [f"# Robustness on {report['dataset']}", "",
+             f"Classifier `{report['classifier']}`. Accuracy in %, average over R evaluations / worst case "
+             "(robust only if the example survives all R). `all attacks`: survives every attack in every "
+             "evaluation.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, r in res.items():
+        cells = [label, str(r["nfe"]), str(r["evals"]), str(r["examples"]),
+                 f"{_pct(r['clean']['average'])} / {_pct(r['clean']['worst'])}"]
+        for a in attacks:
+            s = r["attacks"].get(a)
+            cells.append(f"{_pct(s['average'])} / {_pct(s['worst'])}" if s else "skipped" if a in r["skipped"]
+                         else "-")
+        cells.append(_pct(r["worst_over_attacks"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Threat model and budgets", ""]
+    for label, r in res.items():
+        t = r["threat"]
+        lines.append(f"- **{label}**: {t['norm']} eps {t['eps']:.4g}; " +
+                     "; ".join(f"{a}: {b}" for a, b in r["budgets"].items()) +
+                     "".join(f"; {a} skipped ({why})" for a, why in r["skipped"].items()))
+    lines += ["", "## Gradient-masking checks", ""]
+    for label, r in res.items():
+        lines.append(f"### {label}: " + (", ".join(f"**{f}**" for f in r["raised"]) or "no flag raised"))
+        lines += [""] + [f"- {'RAISED' if f['raised'] else 'ok' if f['checked'] else 'not checked'} "
+                         f"`{f['name']}`: {f['detail']}." + (f" {f['meaning']}" if f["raised"] else "")
+                         for f in r["flags"]] + [""]
+    sweeps = {k: r["sweep"] for k, r in res.items() if r["sweep"]}
+    if sweeps:
+        lines += ["## Robust accuracy against epsilon", "", "![robust accuracy against epsilon](robust_vs_eps.png)",
+                  ""]
+        for k, s in sweeps.items():
+            lines.append(f"- {k}: " + ", ".join(f"eps {p['eps']:g}: {_pct(p['accuracy'])}" for p in s))
+    lines += ["", "Images: `<defense>/grid.png` (clean / adversarial / purified); per-example results: "
+              "`<defense>/report.json` (`per_example`) and `<defense>/examples.jsonl`.", ""]
+    return "\n".join(lines)

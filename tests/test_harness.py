@@ -1,0 +1,319 @@
+"""The attack harness: every attack by name, the gradient-masking alarms, R evaluations, EOT, resume, sharding,
+the robustness command and the latency benchmark."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .conftest import scheduler_config, tiny_unet
+from core.datasets import load_dataset, to_tensors
+from eval import EOTPGD, Defended, evaluate
+from eval.attacks import ATTACKS
+from purify import DiffPure, Purifier
+
+FEW = {"pgd": 10, "pgd-eot": 10, "bpda-eot": 10, "transfer": 10, "cw": 10, "autoattack": 5, "autoattack-rand": 5}
+
+
+@pytest.fixture(scope="module")
+def clf():
+    """A small CNN fitted to the digits in about a second (~95% on the test images)."""
+    torch.manual_seed(0)
+    x, y = to_tensors(load_dataset("digits", "train")[0])
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(8 * 64, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(120):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def data():
+    return to_tensors(load_dataset("digits", "test")[0], 32)
+
+
+def near_identity_purifier(seed=0):
+    """DiffPure with an untrained UNet at a tiny t_star: random, differentiable, close to the identity."""
+    return DiffPure(tiny_unet(1, 16, seed), scheduler_config(), t_star=0.002, steps=2, seed=seed)
+
+
+class Noise(Purifier):
+    """x + 0.05 N(0, I); `frozen` ignores the seed, `global_rng` draws from torch's global generator."""
+
+    def __init__(self, frozen=False, global_rng=False):
+        super().__init__(1, (16, 16))
+        self.frozen, self.global_rng = frozen, global_rng
+
+    @property
+    def nfe(self):
+        return 1
+
+    def purify(self, x, generator):
+        if self.frozen:
+            generator = torch.Generator().manual_seed(0)
+        noise = torch.randn(x.shape) if self.global_rng else torch.randn(x.shape, generator=generator)
+        return (x + 0.1 * noise).clamp(-1, 1)
+
+
+def test_every_attack_by_name_leaves_robust_at_most_clean(clf, data):
+    x, y = data
+    bare = [a for a in ATTACKS if a not in ("bpda-eot", "transfer")]
+    r = evaluate(Defended(None, clf), x, y, bare, eps=0.1, dataset="digits", steps=FEW, queries=100,
+                 sweep_eps=[0.05, 0.5], check_steps=False, progress=None)
+    assert r["clean"]["average"] > 0.8
+    assert set(r["attacks"]) == set(bare)
+    for name, s in r["attacks"].items():
+        assert s["average"] <= r["clean"]["average"], name
+    assert r["attacks"]["pgd"]["average"] < 0.3  # PGD at the preset breaks the undefended classifier
+    assert r["sweep"][-1]["accuracy"] == 0.0  # and at eps 0.5 nothing survives
+    assert set(r["attacks"]["autoattack"]["broken_by"]) <= {"clean", "apgd-ce", "apgd-t", "fab-t", "square"}
+
+    model = Defended(near_identity_purifier(), clf)
+    r = evaluate(model, x, y, ["pgd-eot", "bpda-eot", "transfer"], evals=1, eps=0.1, eot=2, steps=FEW,
+                 transfer_source=Defended(near_identity_purifier(1), clf), check_steps=False, progress=None)
+    for name, s in r["attacks"].items():
+        assert s["average"] <= r["clean"]["average"], name
+        assert s["average"] < 0.5, name  # a near-identity purifier adds no robustness
+
+
+def test_gradient_masking_model_raises_the_square_flag(clf, data):
+    x, y = data
+
+    class Quantized(nn.Module):
+        """round() inside: zero gradient almost everywhere, the textbook masked model."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(torch.round(x * 3) / 3)
+
+    honest = evaluate(Defended(None, clf), x, y, ["pgd", "square"], eps=0.2, steps={"pgd": 10}, queries=300,
+                      check_steps=False, progress=None)
+    masked = evaluate(Defended(None, Quantized(clf)), x, y, ["pgd", "square"], eps=0.2, steps={"pgd": 10},
+                      queries=300, check_steps=False, progress=None)
+    assert "square-beats-white-box" not in honest["raised"]
+    assert "square-beats-white-box" in masked["raised"]
+    flag = next(f for f in masked["flags"] if f["name"] == "square-beats-white-box")
+    assert "masked" in flag["meaning"] and "square" in flag["detail"]
+
+
+def test_frozen_or_global_noise_raises_the_randomness_flags(clf, data):
+    x, y = data
+    kw = dict(attacks=["pgd-eot"], eps=0.1, steps={"pgd-eot": 2}, eot=1, check_steps=False, progress=None)
+    healthy = evaluate(Defended(Noise(), clf), x, y, **kw)
+    frozen = evaluate(Defended(Noise(frozen=True), clf), x, y, **kw)
+    glob = evaluate(Defended(Noise(global_rng=True), clf), x, y, **kw)
+    assert not {"purifier-ignores-seed", "purifier-not-reproducible"} & set(healthy["raised"])
+    assert "purifier-ignores-seed" in frozen["raised"]
+    assert "purifier-not-reproducible" in glob["raised"]
+
+
+def test_worst_case_is_at_most_the_average_and_matches_the_per_example_records(clf, data):
+    x, y = data
+    r = evaluate(Defended(Noise(), clf), x, y, ["pgd-eot"], evals=3, eps=0.1, steps={"pgd-eot": 3}, eot=1,
+                 check_steps=False, progress=None)
+    assert r["evals"] == 3 and len(r["attacks"]["pgd-eot"]["per_eval"]) == 3
+    for s in [r["clean"], *r["attacks"].values()]:
+        assert s["worst"] <= s["average"] + 1e-9
+    per = torch.tensor(r["per_example"]["pgd-eot"])  # examples x R
+    assert per.shape == (32, 3)
+    assert r["attacks"]["pgd-eot"]["worst"] == pytest.approx(per.all(1).float().mean().item())
+    assert r["attacks"]["pgd-eot"]["average"] == pytest.approx(per.float().mean().item())
+
+
+def test_eot_gradient_is_the_mean_of_that_many_sampled_gradients(clf, data):
+    x, y = data[0][:4], data[1][:4]
+    purifier = Noise()
+    model = Defended(purifier, clf)
+    attack = EOTPGD(model, eps=0.1, steps=1, eot=4)
+    purifier.manual_seed(7)
+    g = attack.gradient(x, y)
+    purifier.manual_seed(7)
+    singles = []
+    for _ in range(4):
+        x_ = x.clone().requires_grad_(True)
+        singles.append(torch.autograd.grad(F.cross_entropy(model(x_), y, reduction="sum"), x_)[0])
+    assert torch.allclose(g, torch.stack(singles).mean(0), atol=1e-6)
+    assert not torch.allclose(singles[0], singles[1])  # the samples differ, so the mean is a real average
+
+    calls = []
+    model.purifier.register_forward_hook(lambda *a: calls.append(1))
+    EOTPGD(model, eps=0.1, steps=3, eot=4)(x, y)
+    assert len(calls) == 12  # steps x eot purifications
+
+
+def _strip_timing(report):
+    report = json.loads(json.dumps(report))
+    report.pop("seconds", None)
+    return report
+
+
+def test_interrupted_evaluation_resumes_to_the_identical_report(clf, data, tmp_path):
+    x, y = data
+    kw = dict(attacks=["pgd", "pgd-eot"], evals=2, eps=0.1, steps={"pgd": 3, "pgd-eot": 3}, eot=2,
+              batch_size=8, sweep_eps=[0.05, 0.2], sweep_n=16, check_n=8, progress=None)
+    full = evaluate(Defended(Noise(), clf), x, y, out=tmp_path / "a", **kw)
+    lines = (tmp_path / "a" / "examples.jsonl").read_text().splitlines()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "examples.jsonl").write_text("\n".join(lines[:len(lines) // 2]) + '\n{"key": "pg')  # torn
+    calls = []
+    purifier = Noise()
+    purifier.register_forward_hook(lambda *a: calls.append(1))
+    resumed = evaluate(Defended(purifier, clf), x, y, out=tmp_path / "b", **kw)
+    assert _strip_timing(resumed) == _strip_timing(full)
+    fresh_calls = []
+    purifier = Noise()
+    purifier.register_forward_hook(lambda *a: fresh_calls.append(1))
+    evaluate(Defended(purifier, clf), x, y, **kw)
+    assert len(calls) < len(fresh_calls)  # only the missing half was recomputed
+
+
+def test_bad_requests_fail_before_any_work(clf, data):
+    x, y = data
+    model = Defended(None, clf)
+    with pytest.raises(ValueError, match="unknown attack 'pgd100'.*known: pgd"):
+        evaluate(model, x, y, ["pgd100"], eps=0.1)
+    with pytest.raises(ValueError, match="mim is an Linf attack"):
+        evaluate(model, x, y, ["mim"], norm="L2", eps=1.0)
+    with pytest.raises(ValueError, match="transfer_source"):
+        evaluate(model, x, y, ["transfer"], eps=0.1)
+    with pytest.raises(ValueError, match="no epsilon preset"):
+        evaluate(model, x, y, ["pgd"], dataset="mnist")
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        evaluate(model, x * 255, y, ["pgd"], eps=0.1)
+
+
+def test_l2_attacks_stay_inside_the_ball(clf, data):
+    from eval.attacks import build_attack
+
+    x, y = data
+    for name in ("pgd", "pgd-eot", "cw", "square"):
+        attack = build_attack(name, clf, "L2", 1.0, n_classes=10, steps=5, queries=50)
+        adv = attack(x, y)
+        assert (adv - x).flatten(1).norm(dim=1).max() <= 1.0 + 1e-4, name
+        assert adv.min() >= 0 and adv.max() <= 1
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """A trained classifier folder and two purifier folders, as the commands expect."""
+    from core.config import replace
+    from purify import ConsistencyStudent
+    from robust_data.squeeze import SqueezeConfig, train_squeeze
+
+    root = tmp_path_factory.mktemp("folders")
+    clf_dir = train_squeeze(replace(SqueezeConfig(), {"epochs": 1.0, "width": 8}), root / "squeeze")
+    near_identity_purifier().save(root / "teacher")
+    ConsistencyStudent(tiny_unet(1, 16), scheduler_config(), 0.002, 1).save(root / "student")
+    return root, clf_dir
+
+
+def _config(root, clf_dir, **extra):
+    cfg = {"classifier": str(clf_dir), "defenses": ["none", str(root / "teacher"),
+                                                    {"purifier": str(root / "student"), "label": "cm", "n": 8}],
+           "attacks": ["pgd", "pgd-eot", "bpda-eot"], "n": 16, "evals": 2, "eot": 1, "batch_size": 8,
+           "steps": {"pgd": 2, "pgd-eot": 2, "bpda-eot": 2}, "sweep_eps": [0.1, 0.5], "sweep_n": 8, "check_n": 8,
+           **extra}
+    path = root / f"eval-{len(extra)}.yaml"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def test_robustness_command_writes_report_plots_and_per_example_records(folders, tmp_path, capsys):
+    from eval.__main__ import main
+
+    root, clf_dir = folders
+    main(["robustness", "--config", str(_config(root, clf_dir)), "--out", str(tmp_path / "rob")])
+    report = json.loads((tmp_path / "rob" / "report.json").read_text())
+    assert list(report["defenses"]) == ["undefended", "diffpure-2", "cm"]
+    und, cm = report["defenses"]["undefended"], report["defenses"]["cm"]
+    assert und["evals"] == 1 and "bpda-eot" in und["skipped"] and cm["evals"] == 2 and cm["examples"] == 8
+    assert cm["nfe"] == 1 and len(cm["per_example"]["bpda-eot"]) == 8
+    md = (tmp_path / "rob" / "report.md").read_text()
+    assert "| cm | 1 | 2 | 8 |" in md and "Gradient-masking checks" in md and "skipped" in md
+    for f in ["robust_vs_eps.png", "undefended/grid.png", "cm/grid.png", "cm/examples.jsonl", "config.yaml"]:
+        assert (tmp_path / "rob" / f).is_file(), f
+    # rerunning the same config finds every item done and writes the same numbers
+    main(["robustness", "--config", str(_config(root, clf_dir)), "--out", str(tmp_path / "rob")])
+    again = json.loads((tmp_path / "rob" / "report.json").read_text())
+    assert again["defenses"]["cm"]["attacks"] == cm["attacks"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"attacks": ["pgd", "deepfool"]}, "unknown attack 'deepfool'"),
+    ({"defenses": [{"purifier": "none", "nn": 3}]}, "unknown key.*nn"),
+    ({"defenses": ["no/such/folder"]}, "purifier folder no/such/folder does not exist"),
+    ({"attacks": ["transfer"]}, "transfer_from"),
+    ({"grad_checkpoint": "yes"}, "grad_checkpoint"),
+])
+def test_robustness_command_names_the_problem(folders, tmp_path, capsys, extra, message):
+    from eval.__main__ import main
+
+    root, clf_dir = folders
+    with pytest.raises(SystemExit) as e:
+        main(["robustness", "--config", str(_config(root, clf_dir, **extra)), "--out", str(tmp_path / "x")])
+    assert re.search(message, str(e.value))
+    assert not (tmp_path / "x").exists()
+
+
+def test_latency_benchmark_measures_each_variant_beside_the_plain_one(folders, tmp_path, capsys):
+    from eval.__main__ import main
+
+    root, clf_dir = folders
+    main(["latency", "--purifier", str(root / "teacher"), "--purifier", str(root / "student"), "--classifier",
+          str(clf_dir), "--batch-size", "1", "--batch-size", "4", "--warmup", "1", "--repeats", "3",
+          "--channels-last", "--out", str(tmp_path / "lat")])
+    lat = json.loads((tmp_path / "lat" / "latency.json").read_text())
+    rows = lat["rows"]
+    assert len(rows) == 2 * 2 * 2 * 2  # variants x purifiers x batch sizes x (alone, with classifier)
+    assert {r["variant"] for r in rows} == {"plain", "channels-last"}
+    assert {(r["purifier"], r["nfe"]) for r in rows} == {("diffpure-2", 2), ("consistency-1", 1)}
+    for r in rows:
+        assert r["median_s"] > 0 and r["p90_s"] >= r["median_s"]
+        assert r["images_per_s"] == pytest.approx(r["batch_size"] / r["median_s"])
+        if r["purifier"] == "diffpure-2":
+            assert r["speedup"] == 1.0
+    assert "| plain | consistency-1 | yes | 4 | 1 |" in (tmp_path / "lat" / "latency.md").read_text()
+
+
+@pytest.mark.slow
+def test_robustness_sharded_over_two_processes_gives_the_single_process_report(folders, tmp_path):
+    root, clf_dir = folders
+    cfg = _config(root, clf_dir)
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                    "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "eval", "robustness", "--config",
+                    str(cfg), "--out", str(tmp_path / "ddp")], check=True, timeout=600)
+    subprocess.run([sys.executable, "-m", "eval", "robustness", "--config", str(cfg), "--out",
+                    str(tmp_path / "one")], check=True, timeout=600)
+    ddp = json.loads((tmp_path / "ddp" / "report.json").read_text())["defenses"]
+    one = json.loads((tmp_path / "one" / "report.json").read_text())["defenses"]
+    for label in one:
+        assert _strip_timing(ddp[label]) == _strip_timing(one[label]), label
+
+
+def test_attacks_leave_a_batchnorm_classifier_and_the_purifier_untouched(data):
+    torch.manual_seed(0)
+    bn_clf = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                           nn.Linear(4 * 256, 10))
+    purifier = near_identity_purifier()
+    before = {k: v.clone() for k, v in Defended(purifier, bn_clf).state_dict().items()}
+    x, y = data
+    model = Defended(purifier, bn_clf)
+    evaluate(model, x, y, ["pgd", "bpda-eot", "pgd-eot", "square"], evals=2, eps=0.1, eot=1, queries=20,
+             steps={"pgd": 2, "bpda-eot": 2, "pgd-eot": 2}, check_steps=False, progress=None)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm statistics included
+    assert not any(m.training for m in model.modules())
