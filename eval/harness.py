@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from core.io import atomic_save_tensors
+from core.io import atomic_save_tensors, atomic_write_json
 from core.training import make_accelerator
 
 from .attacks import (ATTACKS, BPDA, NEEDS_PURIFIER, STEPS, build_attack, check_attack, large_eps, preset_eps)
@@ -193,6 +193,11 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks=("pgd",
                          check_n or n, purifier is not None)
     out = Path(out) if out is not None else None
     log = out / "examples.jsonl" if out is not None else None
+    settings = {"examples": n, "labels": zlib.crc32(y.cpu().numpy().tobytes()), "norm": norm, "eps": eps,
+                "eot": eot if stochastic else 1, "queries": queries, "batch_size": batch_size, "seed": seed,
+                "jobs": [[j.key, j.eps, j.steps, j.n] for j in jobs]}
+    if out is not None:
+        _check_settings(out / "settings.json", settings, acc)
     samples = out / "samples" if out is not None else None
     if samples is not None and acc.is_main_process:
         samples.mkdir(parents=True, exist_ok=True)
@@ -222,6 +227,20 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks=("pgd",
                   evals=evals if stochastic else 1, stochastic=stochastic, examples=n,
                   nfe=getattr(purifier, "nfe", 0))
     return result
+
+
+def _check_settings(path: Path, settings: dict, acc) -> None:
+    """Records in `path`'s folder are only reused for the very same evaluation."""
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != settings:
+            changed = sorted(k for k in settings if old.get(k) != settings[k])
+            raise FileExistsError(f"{path.parent} holds records of another evaluation (changed: "
+                                  f"{', '.join(changed)}); choose another folder or delete it")
+    elif acc.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, settings)
+    acc.wait_for_everyone()
 
 
 def _gather(acc, rec):

@@ -100,20 +100,24 @@ def benchmark(purifiers: dict, classifier=None, batch_sizes=(1, 64), warmup: int
         ref = next(r for r in rows if r["variant"] == row["variant"] and r["batch_size"] == row["batch_size"]
                    and r["with_classifier"] == row["with_classifier"])
         row["speedup"] = ref["median_s"] / row["median_s"]
+        plain = next(r for r in rows if r["variant"] == "plain" and r["purifier"] == row["purifier"]
+                     and r["batch_size"] == row["batch_size"] and r["with_classifier"] == row["with_classifier"])
+        row["vs_plain"] = plain["median_s"] / row["median_s"]
     return rows
 
 
 def render(rows: list[dict], device: str) -> str:
     head = ["variant", "purifier", "+classifier", "batch", "NFE", "median s", "p90 s", "images/s", "ms/image",
-            "peak MB", "speed-up"]
+            "peak MB", "speed-up", "vs plain"]
     lines = [f"# Defense latency ({device})", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         peak = "n/a (CPU)" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
         lines.append(f"| {r['variant']} | {r['purifier']} | {'yes' if r['with_classifier'] else 'no'} | "
                      f"{r['batch_size']} | {r['nfe']} | {r['median_s']:.4f} | {r['p90_s']:.4f} | "
-                     f"{r['images_per_s']:.1f} | {r['ms_per_image']:.2f} | {peak} | {r['speedup']:.1f}x |")
+                     f"{r['images_per_s']:.1f} | {r['ms_per_image']:.2f} | {peak} | {r['speedup']:.1f}x | "
+                     f"{r['vs_plain']:.2f}x |")
     lines += ["", "Speed-up: the first purifier's median time over this row's, same variant, batch and "
-              "classifier setting. Peak memory is torch.cuda.max_memory_allocated (not measured on CPU).", ""]
+              "classifier setting; vs plain: the same purifier's plain median over this row's. Peak memory is torch.cuda.max_memory_allocated (not measured on CPU).", ""]
     return "\n".join(lines)
 
 

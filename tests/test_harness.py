@@ -285,6 +285,7 @@ def test_latency_benchmark_measures_each_variant_beside_the_plain_one(folders, t
         assert r["images_per_s"] == pytest.approx(r["batch_size"] / r["median_s"])
         if r["purifier"] == "diffpure-2":
             assert r["speedup"] == 1.0
+    assert all(r["vs_plain"] == 1.0 for r in rows if r["variant"] == "plain")
     assert "| plain | consistency-1 | yes | 4 | 1 |" in (tmp_path / "lat" / "latency.md").read_text()
 
 
@@ -317,3 +318,11 @@ def test_attacks_leave_a_batchnorm_classifier_and_the_purifier_untouched(data):
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm statistics included
     assert not any(m.training for m in model.modules())
+
+
+def test_records_of_another_evaluation_are_never_mixed_in(clf, data, tmp_path):
+    x, y = data
+    kw = dict(attacks=["pgd"], steps={"pgd": 2}, check_steps=False, progress=None, out=tmp_path / "r")
+    evaluate(Defended(None, clf), x, y, eps=0.1, **kw)
+    with pytest.raises(FileExistsError, match="another evaluation.*changed: eps"):
+        evaluate(Defended(None, clf), x, y, eps=0.2, **kw)
