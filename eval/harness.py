@@ -7,6 +7,7 @@ gathered on the main one, and appended to `examples.jsonl`, from which an interr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import zlib
@@ -107,25 +108,19 @@ class _Runner:
             rec["broken_by"] = broken
         return rec
 
+    @contextlib.contextmanager
     def checkpointing(self, attack: str):
-        """Gradient checkpointing through long purifiers while a full-gradient attack runs."""
-        p = self.purifier
-        on = p is not None and hasattr(p, "set_grad_checkpoint") and attack != "bpda-eot" and (
+        """Gradient checkpointing through long purifiers while a full-gradient attack runs on them."""
+        p = purifier_of(self.target(attack)) if attack != "bpda-eot" else None
+        on = p is not None and hasattr(p, "set_grad_checkpoint") and (
             self.grad_checkpoint is True or (self.grad_checkpoint == "auto" and getattr(p, "nfe", 0) > 8))
-        return _Toggle(p, on)
-
-
-class _Toggle:
-    def __init__(self, purifier, on: bool):
-        self.p, self.on = purifier, on
-
-    def __enter__(self):
-        if self.on:
-            self.p.set_grad_checkpoint(True)
-
-    def __exit__(self, *exc):
-        if self.on:
-            self.p.set_grad_checkpoint(False)
+        if on:
+            p.set_grad_checkpoint(True)
+        try:
+            yield
+        finally:
+            if on:
+                p.set_grad_checkpoint(False)
 
 
 def plan(attacks, evals: int, stochastic: bool, eps: float, steps: dict, sweep_eps, sweep_n, check_steps: bool,

@@ -326,3 +326,27 @@ def test_records_of_another_evaluation_are_never_mixed_in(clf, data, tmp_path):
     evaluate(Defended(None, clf), x, y, eps=0.1, **kw)
     with pytest.raises(FileExistsError, match="another evaluation.*changed: eps"):
         evaluate(Defended(None, clf), x, y, eps=0.2, **kw)
+
+
+def test_full_gradient_attacks_checkpoint_long_purifiers_and_only_while_they_run(clf, data):
+    x, y = data[0][:8], data[1][:8]
+    purifier = DiffPure(tiny_unet(1, 16), scheduler_config(), t_star=0.002, steps=10)
+    seen = []
+    purifier.register_forward_hook(lambda m, i, o: seen.append((torch.is_grad_enabled(),
+                                                                 m.x0_net.grad_checkpoint)))
+    evaluate(Defended(purifier, clf), x, y, ["pgd-eot", "bpda-eot"], eps=0.1, eot=1,
+             steps={"pgd-eot": 1, "bpda-eot": 1}, check_steps=False, progress=None)
+    assert (True, True) in seen  # pgd-eot: gradients through the 10 steps, checkpointed
+    assert all(not ckpt for grad, ckpt in seen if not grad)  # scoring and BPDA's forward: off
+    assert purifier.x0_net.grad_checkpoint is False
+
+
+def test_checkpointed_gradient_through_the_purifier_equals_the_plain_one(clf, data):
+    x, y = data[0][:4], data[1][:4]
+    purifier = DiffPure(tiny_unet(1, 16), scheduler_config(), t_star=0.05, steps=3)
+    grads = []
+    for on in (False, True):
+        purifier.set_grad_checkpoint(on).manual_seed(3)
+        x_ = x.clone().requires_grad_(True)
+        grads.append(torch.autograd.grad(F.cross_entropy(clf(purifier(x_)), y), x_)[0])
+    assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
