@@ -183,6 +183,29 @@ def start_run(out: str | Path, resume: bool) -> tuple[Path, Path | None]:
     return out, None
 
 
+def same_config_or_fail(folder: str | Path, cfg) -> None:
+    """A run folder that already holds another config is never continued with this one."""
+    import yaml
+
+    from .config import to_dict
+
+    saved = Path(folder) / "config.yaml"
+    if saved.is_file() and yaml.safe_load(saved.read_text()) != to_dict(cfg):
+        raise FileExistsError(f"{folder} holds a run with another config; pass another --out "
+                              "(or delete that folder) to start afresh")
+
+
+def run_stage(folder: str | Path, cfg, train_fn, product: str, done: str = "train.json") -> Path:
+    """Run a pipeline stage into `folder`: reuse it when its config is unchanged and it finished (`done`
+    written), resume it when it has checkpoints, refuse a folder that holds another config."""
+    folder = Path(folder)
+    same_config_or_fail(folder, cfg)
+    if (folder / "config.yaml").is_file() and (folder / product).exists() and (folder / done).is_file():
+        print(f"[{folder.name}] unchanged: reusing {folder / product}")
+        return folder / product
+    return train_fn(cfg, folder, resume=bool(checkpoint_dirs(folder)))
+
+
 def make_optimizer(cfg: LoopConfig, params):
     """AdamW with a linear warm-up over `cfg.warmup_steps`, then a constant rate."""
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -6,13 +6,12 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from core.checkpoint import load_classifier
-from core.config import replace, to_dict
+from core.config import replace
 from core.datasets import load_dataset, to_tensors
 from core.io import atomic_write_json, atomic_write_text, read_json
-from core.training import checkpoint_dirs
+from core.training import run_stage
 from distill.teacher import TeacherConfig, train_teacher
 from purify import load_purifier
 from robust_data.squeeze import SqueezeConfig, accuracy, train_squeeze
@@ -23,20 +22,6 @@ from .plots import image_grid, training_curves
 
 EPS = 0.1  # Linf budget on digits (16x16, [0, 1]): PGD at 0.1 breaks the undefended ConvNet
 FAST = {"squeeze": {"epochs": 5.0}, "teacher": {"train_steps": 300, "checkpoint_every": 100}}
-
-
-def _stage(name: str, cfg, out: Path, train_fn, product: str) -> Path:
-    """Run a training stage, reuse it when its config is unchanged, resume it when interrupted."""
-    folder = out / name
-    saved = folder / "config.yaml"
-    if saved.is_file():
-        if yaml.safe_load(saved.read_text()) != to_dict(cfg):
-            raise FileExistsError(f"{folder} holds a {name} run with another config; "
-                                  "pass another --out (or delete that folder) to start afresh")
-        if (folder / product).is_dir() and (folder / "train.json").is_file():
-            print(f"[{name}] unchanged: reusing {folder / product}")
-            return folder / product
-    return train_fn(cfg, folder, resume=bool(checkpoint_dirs(folder)))
 
 
 def quickstart(out: str | Path = "runs/quickstart", fast: bool = False, n_eval: int | None = None,
@@ -53,9 +38,9 @@ def quickstart(out: str | Path = "runs/quickstart", fast: bool = False, n_eval: 
     if fast:
         n_eval = n_eval or 128
     print("stage 1/3: the standard classifier (squeeze, cross-entropy)")
-    clf_dir = _stage("classifier", squeeze_cfg, out, train_squeeze, "classifier")
+    clf_dir = run_stage(out / "classifier", squeeze_cfg, train_squeeze, "classifier")
     print("stage 2/3: the DiffPure teacher (DDPM score network)")
-    pur_dir = _stage("teacher", teacher_cfg, out, train_teacher, "purifier")
+    pur_dir = run_stage(out / "teacher", teacher_cfg, train_teacher, "purifier")
 
     print("stage 3/3: purification and accuracies on the test set")
     clf, teacher = load_classifier(clf_dir), load_purifier(pur_dir)

@@ -12,7 +12,7 @@ from core.checkpoint import load_classifier
 from core.config import save_config, to_dict
 from core.datasets import load_dataset, to_tensors
 from core.io import atomic_write_json, atomic_write_text, load_tensors
-from core.training import make_accelerator
+from core.training import make_accelerator, same_config_or_fail
 from purify import load_purifier
 
 from .attacks import ATTACKS, NORMS, check_attack, preset_eps
@@ -109,13 +109,11 @@ def run_robustness(cfg: EvalConfig, out: str | Path) -> dict:
     check(cfg)
     plan = defenses(cfg)
     out = Path(out)
-    saved = out / "config.yaml"
-    if saved.is_file() and yaml.safe_load(saved.read_text()) != to_dict(cfg):
-        raise FileExistsError(f"{out} holds an evaluation with another config; choose another --out")
+    same_config_or_fail(out, cfg)
     acc = make_accelerator()
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, saved)
+        save_config(cfg, out / "config.yaml")
     acc.wait_for_everyone()
     eps = cfg.eps if cfg.eps is not None else preset_eps(cfg.dataset, cfg.norm)
     classifier = load_classifier(cfg.classifier)

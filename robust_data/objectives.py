@@ -1,7 +1,17 @@
-"""Squeeze-stage training objectives: small callables (model, x, y) -> (loss, stats)."""
+"""Squeeze-stage training objectives: small callables (model, x, y, ...) -> (loss, stats) on [0, 1] pixels.
+
+The curvature terms work where GUARD's code does, on normalised inputs (x - mean) / std, so `h` is in
+normalised-pixel units (h = 3 is GUARD's CIFAR setting; for a classifier without a normalising front it is
+in [0, 1] pixel units). They use gradients of the batch-mean loss, as GUARD's code does, so lambda's effect
+scales with 1 / batch size: lambda 100 at batch 128 is GUARD's CIFAR-10 setting."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
+import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 
@@ -12,10 +22,104 @@ def cross_entropy(model, x, y, label_smoothing: float = 0.0):
     return loss, {"ce": loss.detach(), "acc": (logits.argmax(1) == y).float().mean()}
 
 
-OBJECTIVES = {"ce": cross_entropy}
+def split_normalization(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
+    """(network behind the normalising front, normalised x); (model, x) when there is no such front."""
+    inner = getattr(model, "module", model)  # DDP
+    if hasattr(inner, "net") and hasattr(inner, "mean") and hasattr(inner, "std"):
+        return inner.net, (x - inner.mean) / inner.std
+    return inner, x
 
 
-def get_objective(name: str):
+@contextlib.contextmanager
+def eval_mode(net: nn.Module):
+    """BatchNorm on running statistics while the regularizer probes the loss (as GUARD's code does)."""
+    was = net.training
+    net.eval()
+    try:
+        yield
+    finally:
+        net.train(was)
+
+
+def input_grad(net, x, y, create_graph: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gradient of the batch-mean cross-entropy with respect to x, x as a leaf)."""
+    x = x.detach().requires_grad_(True)
+    g = torch.autograd.grad(F.cross_entropy(net(x), y), x, create_graph=create_graph)[0]
+    return g, x
+
+
+def curvature_direction(net, xn, y, h: float) -> torch.Tensor:
+    """z = h g / ||g|| per example, g the input gradient of the loss (detached, as in GUARD)."""
+    g, _ = input_grad(net, xn, y)
+    return h * (g + 1e-7) / (g.flatten(1).norm(dim=1).view(-1, *[1] * (g.dim() - 1)) + 1e-7)
+
+
+def guard_penalty(net, xn, y, h: float) -> torch.Tensor:
+    """Per-example ||grad_x L(x + z) - grad_x L(x)||, differentiable in the weights (double backprop)."""
+    z = curvature_direction(net, xn, y, h)
+    x = xn.detach().requires_grad_(True)
+    diff = F.cross_entropy(net(x + z), y) - F.cross_entropy(net(x), y)
+    grad_diff = torch.autograd.grad(diff, x, create_graph=True)[0]
+    return grad_diff.flatten(1).norm(dim=1)
+
+
+def guard(model, x, y, reg_lambda: float = 100.0, reg_h: float = 3.0, label_smoothing: float = 0.0):
+    """GUARD (Xue et al., AAAI 2025): cross-entropy + lambda * mean ||grad L(x + z) - grad L(x)||."""
+    loss, stats = cross_entropy(model, x, y, label_smoothing)
+    net, xn = split_normalization(model, x)
+    with eval_mode(net):
+        reg = guard_penalty(net, xn, y, reg_h).mean()
+    return loss + reg_lambda * reg, {**stats, "reg": reg.detach()}
+
+
+def guard_loss(model, x, y, reg_lambda: float = 100.0, reg_h: float = 3.0, label_smoothing: float = 0.0):
+    """GUARD's ImageNet-code variant: cross-entropy + lambda * |L(x + z) - L(x)| (batch-mean losses)."""
+    loss, stats = cross_entropy(model, x, y, label_smoothing)
+    net, xn = split_normalization(model, x)
+    with eval_mode(net):
+        z = curvature_direction(net, xn, y, reg_h)
+        reg = (F.cross_entropy(net(xn + z), y) - F.cross_entropy(net(xn), y)).abs()
+    return loss + reg_lambda * reg, {**stats, "reg": reg.detach()}
+
+
+def gradnorm(model, x, y, reg_lambda: float = 100.0, label_smoothing: float = 0.0):
+    """Input-gradient norm penalty, the ablation: lambda * mean ||grad_x L||, kept in the graph.
+
+    (GUARD's ablation script detaches this gradient, so its penalty never reaches the weights.)"""
+    loss, stats = cross_entropy(model, x, y, label_smoothing)
+    net, xn = split_normalization(model, x)
+    with eval_mode(net):
+        g, _ = input_grad(net, xn, y, create_graph=True)
+        reg = g.flatten(1).norm(dim=1).mean()
+    return loss + reg_lambda * reg, {**stats, "reg": reg.detach()}
+
+
+def adversarial(model, x, y, adv_eps: float = 1 / 255, adv_steps: int = 10, label_smoothing: float = 0.0):
+    """PGD adversarial training (Madry et al., 2018): cross-entropy on Linf PGD examples in [0, 1] pixels.
+
+    Steps of 2.5 eps / steps from the clean image (no random start, like GUARD's baseline)."""
+    net = getattr(model, "module", model)
+    alpha = 2.5 * adv_eps / adv_steps
+    with eval_mode(net):
+        x_adv = x.detach()
+        for _ in range(adv_steps):
+            g, _ = input_grad(net, x_adv, y)
+            x_adv = torch.min(torch.max(x_adv + alpha * g.sign(), x - adv_eps), x + adv_eps).clamp(0, 1).detach()
+    loss, stats = cross_entropy(model, x_adv, y, label_smoothing)
+    stats["adv_acc"] = stats.pop("acc")
+    return loss, stats
+
+
+OBJECTIVES = {"ce": cross_entropy, "guard": guard, "guard-loss": guard_loss, "gradnorm": gradnorm,
+              "adversarial": adversarial}
+SETTINGS = {"guard": ("reg_lambda", "reg_h"), "guard-loss": ("reg_lambda", "reg_h"), "gradnorm": ("reg_lambda",),
+            "adversarial": ("adv_eps", "adv_steps"), "ce": ()}
+
+
+def get_objective(name: str, cfg=None):
+    """The named objective with its settings (reg_lambda, reg_h, adv_eps, adv_steps) bound from `cfg`."""
     if name not in OBJECTIVES:
         raise ValueError(f"unknown squeeze objective {name!r}; known: {', '.join(OBJECTIVES)}")
-    return OBJECTIVES[name]
+    if cfg is None:
+        return OBJECTIVES[name]
+    return functools.partial(OBJECTIVES[name], **{k: getattr(cfg, k) for k in SETTINGS[name]})

@@ -25,7 +25,11 @@ class SqueezeConfig(LoopConfig):
     arch: str = "convnet-bn"
     width: int = 64
     depth: int = 3
-    objective: str = "ce"
+    objective: str = "ce"  # ce | guard | guard-loss | gradnorm | adversarial (robust_data/objectives.py)
+    reg_lambda: float = 100.0  # guard, guard-loss, gradnorm
+    reg_h: float = 3.0  # guard, guard-loss: finite-difference step, normalised-pixel units
+    adv_eps: float = 1 / 255  # adversarial: Linf budget in [0, 1] pixels
+    adv_steps: int = 10
     label_smoothing: float = 0.0
     epochs: float = 30.0
     batch_size: int = 128
@@ -66,7 +70,7 @@ def accuracy(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512, dev
 
 def train_squeeze(cfg: SqueezeConfig, out: str | Path, resume: bool = False) -> Path:
     """Train the squeezed classifier with `cfg.objective`; writes OUT/classifier and returns it."""
-    objective = get_objective(cfg.objective)
+    objective = get_objective(cfg.objective, cfg)
     if cfg.optimizer not in ("adamw", "sgd"):
         raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {cfg.optimizer!r}")
     run = open_run(cfg, out, resume)

@@ -1,0 +1,133 @@
+"""SRe2L's validation stage: a classifier trained from scratch on the distilled images, by KL divergence to
+the squeezed model's soft labels at temperature T (stored FKD crops, or an online teacher on the same crops)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import TensorDataset
+
+from core.checkpoint import load_classifier, save_classifier
+from core.datasets import load_dataset, to_tensors
+from core.io import atomic_write_json, load_tensors
+from core.models import build_classifier, classifier_config_for
+from core.training import LoopConfig, fit, open_run
+
+from .distilled import load_distilled
+from .relabel import apply_crops, crop_params
+from .squeeze import accuracy
+
+
+@dataclass
+class TrainConfig(LoopConfig):
+    """SRe2L's train_FKD defaults: AdamW 1e-3, weight decay 0.01, cosine, T = 20, KL without a T^2 factor."""
+
+    distilled: str = ""  # the recover stage's folder
+    soft_labels: str = ""  # the relabel stage's folder, or "online" (the teacher labels the same crops live)
+    teacher: str = ""  # the squeezed classifier (online soft labels only)
+    arch: str = "convnet-bn"
+    width: int = 64
+    depth: int = 3
+    epochs: int = 300
+    batch_size: int = 100
+    lr: float = 0.001
+    weight_decay: float = 0.01
+    grad_clip: float = 0.0
+    temperature: float = 20.0
+    online_epochs: int = 300  # online: crop sets cycled (as a stored relabel would)
+    min_crop: float = 0.08  # online crops
+    flip: bool = True
+    crop_seed: int = 42
+    checkpoint_every: int = 500
+    log_every: int = 50
+    eval_batch_size: int = 512
+
+
+def kd_loss(student_logits, teacher_logits, temperature: float) -> torch.Tensor:
+    """KL(softmax(t / T) || softmax(s / T)), batch mean, as SRe2L's train_FKD (no T^2 factor)."""
+    return F.kl_div(F.log_softmax(student_logits / temperature, 1), F.softmax(teacher_logits / temperature, 1),
+                    reduction="batchmean")
+
+
+def train_distilled(cfg: TrainConfig, out: str | Path, resume: bool = False) -> Path:
+    """Train the student; writes OUT/classifier (with its test accuracy) and returns it."""
+    if not cfg.distilled:
+        raise ValueError("train needs distilled: the recover stage's folder")
+    images, labels, meta = load_distilled(cfg.distilled)
+    online = cfg.soft_labels == "online"
+    if online:
+        if not cfg.teacher:
+            raise ValueError("soft_labels=online needs teacher: the squeezed classifier folder")
+        teacher = load_classifier(cfg.teacher).eval().requires_grad_(False)
+        stored, n_sets = None, cfg.online_epochs
+    else:
+        if not cfg.soft_labels:
+            raise ValueError("train needs soft_labels: the relabel stage's folder (or 'online' with teacher)")
+        path = Path(cfg.soft_labels) / "soft_labels.safetensors"
+        stored = load_tensors(path)
+        if stored["logits"].shape[1] != len(labels):
+            raise ValueError(f"{path} labels {stored['logits'].shape[1]} images, the distilled folder has "
+                             f"{len(labels)}: relabel this distilled data first")
+        n_sets = stored["logits"].shape[0]
+    run = open_run(cfg, out, resume)
+    out, acc, info, log = run.out, run.acc, run.info, run.log
+    test, _ = load_dataset(cfg.dataset, "test", root=cfg.data_root, image_size=cfg.image_size)
+    if tuple(images.shape[1:]) != (info.channels, info.image_size, info.image_size):
+        raise ValueError(f"distilled images are {tuple(images.shape[1:])}, dataset {cfg.dataset} is "
+                         f"{(info.channels, info.image_size, info.image_size)}")
+    mcfg = classifier_config_for(info, cfg.arch, width=cfg.width, depth=cfg.depth)
+    per_step = cfg.batch_size * cfg.grad_accum * acc.num_processes
+    total = max(1, math.ceil(cfg.epochs * len(labels) / per_step))
+
+    torch.manual_seed(cfg.seed)
+    model = build_classifier(mcfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    step = run.resume({"model": model}, opt, lr_sched)
+    model, opt = acc.prepare(model, opt)
+    images = images.to(acc.device)
+    if online:
+        teacher = teacher.to(acc.device)
+    micro = {"i": step * cfg.grad_accum}
+    crop_cache: dict[int, torch.Tensor] = {}
+
+    def loss_fn(model, idx, y, g):
+        epoch = micro["i"] * cfg.batch_size * acc.num_processes // len(labels)
+        micro["i"] += 1
+        e = epoch % n_sets
+        if online:
+            if e not in crop_cache:
+                crop_cache.clear()
+                crop_cache[e] = crop_params(len(labels), tuple(images.shape[-2:]), e, cfg.crop_seed,
+                                            cfg.min_crop, cfg.flip)
+            params = crop_cache[e][idx.cpu()]
+        else:
+            params = stored["crops"][e, idx.cpu()]
+        x = apply_crops(images[idx], params.to(acc.device))
+        with torch.no_grad():
+            t = teacher(x) if online else stored["logits"][e, idx.cpu()].float().to(acc.device)
+        s = model(x)
+        loss = kd_loss(s, t, cfg.temperature)
+        return loss, {"kd": loss.detach(), "agree": (s.argmax(1) == t.argmax(1)).float().mean()}
+
+    data = TensorDataset(torch.arange(len(labels)), labels)
+    seconds = fit(acc, cfg, model, opt, lr_sched, loss_fn, data, step, total, out, log, lambda s: None,
+                  {"model": acc.unwrap_model(model)}, "train on distilled data")["seconds"]
+    acc.wait_for_everyone()
+    folder = out / "classifier"
+    if acc.is_main_process:
+        net = acc.unwrap_model(model)
+        x_test, y_test = to_tensors(test)
+        test_acc = accuracy(net, x_test, y_test, cfg.eval_batch_size, acc.device)
+        result = {"test_accuracy": test_acc, "test_examples": len(y_test), "distilled": cfg.distilled,
+                  "ipc": meta.get("ipc"), "soft_labels": cfg.soft_labels, "dataset": cfg.dataset,
+                  "train_steps": total, "train_seconds": seconds, "run": str(out)}
+        save_classifier(net, folder, mcfg, result)
+        atomic_write_json(out / "train.json", result)
+        acc.print(f"test accuracy {test_acc:.4f} on {len(y_test)} {cfg.dataset} test images")
+    acc.wait_for_everyone()
+    return folder

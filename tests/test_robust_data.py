@@ -1,0 +1,180 @@
+"""Robust dataset distillation: the squeeze objectives (GUARD and its ablations), recover's BatchNorm matching,
+relabel's stored soft labels, and the pipeline end to end."""
+
+import json
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from robust_data.objectives import (OBJECTIVES, curvature_direction, get_objective, guard_penalty, input_grad,
+                                    split_normalization)
+
+
+def smooth_net(seed=0, dtype=torch.float64):
+    """A tiny network with curvature everywhere (tanh), on 1x2x2 inputs, 3 classes."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).to(dtype)
+
+
+def finite_difference_grad(net, x, y, eps=1e-6):
+    """Central differences of the batch-mean cross-entropy, one input coordinate at a time."""
+    g = torch.zeros_like(x)
+    flat = g.view(-1)
+    for i in range(x.numel()):
+        d = torch.zeros_like(x).view(-1)
+        d[i] = eps
+        d = d.view_as(x)
+        flat[i] = (F.cross_entropy(net(x + d), y) - F.cross_entropy(net(x - d), y)) / (2 * eps)
+    return g
+
+
+def test_guard_penalty_equals_its_finite_difference_computation():
+    net = smooth_net()
+    x, y = torch.randn(3, 1, 2, 2, dtype=torch.float64), torch.tensor([0, 2, 1])
+    h = 0.5
+    penalty = guard_penalty(net, x, y, h)
+    z = curvature_direction(net, x, y, h)
+    assert torch.allclose(z.flatten(1).norm(dim=1), torch.full((3,), h, dtype=torch.float64), atol=1e-6)
+    with torch.no_grad():
+        expected = (finite_difference_grad(net, x + z, y) - finite_difference_grad(net, x, y)).flatten(1).norm(dim=1)
+    assert penalty.shape == (3,)
+    assert torch.allclose(penalty, expected, rtol=1e-5, atol=1e-9)
+    assert (penalty > 0).all()
+
+
+@pytest.mark.parametrize("name", ["guard", "gradnorm", "guard-loss"])
+def test_curvature_penalties_reach_the_weights(name):
+    net = smooth_net(dtype=torch.float32)
+    x, y = torch.randn(4, 1, 2, 2), torch.tensor([0, 1, 2, 0])
+    if name == "guard":
+        reg = guard_penalty(net, x, y, 0.5).mean()
+    elif name == "gradnorm":
+        reg = input_grad(net, x, y, create_graph=True)[0].flatten(1).norm(dim=1).mean()
+    else:
+        _, stats = get_objective("guard-loss")(net, x, y, reg_lambda=1.0, reg_h=0.5)
+        z = curvature_direction(net, x, y, 0.5)
+        reg = (F.cross_entropy(net(x + z), y) - F.cross_entropy(net(x), y)).abs()
+    grads = torch.autograd.grad(reg, list(net.parameters()), allow_unused=True)
+    assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+    # the objective's total loss carries the penalty: its weight gradient differs from cross-entropy's
+    total, _ = get_objective(name)(net, x, y, reg_lambda=10.0)
+    ce = F.cross_entropy(net(x), y)
+    g_total = torch.autograd.grad(total, list(net.parameters()))
+    g_ce = torch.autograd.grad(ce, list(net.parameters()))
+    assert any(not torch.allclose(a, b) for a, b in zip(g_total, g_ce))
+
+
+def test_guard_works_in_the_classifiers_normalised_units():
+    from core.models import ClassifierConfig, build_classifier
+
+    model = build_classifier(ClassifierConfig(arch="convnet-bn", width=8, depth=2, mean=[0.3], std=[0.2]))
+    x = torch.rand(2, 1, 16, 16)
+    net, xn = split_normalization(model, x)
+    assert net is model.net and torch.allclose(xn, (x - 0.3) / 0.2)
+    loss, stats = get_objective("guard")(model, x, torch.tensor([1, 2]))
+    assert model.training and stats["reg"] > 0  # BatchNorm back in training mode after the eval-mode probe
+
+
+def test_adversarial_objective_trains_on_pgd_points_of_higher_loss():
+    net = smooth_net(dtype=torch.float32)
+    x, y = torch.rand(8, 1, 2, 2), torch.randint(0, 3, (8,))
+    loss, stats = get_objective("adversarial")(net, x, y, adv_eps=0.1, adv_steps=5)
+    assert loss > F.cross_entropy(net(x), y)  # PGD raised the loss
+    assert set(stats) == {"ce", "adv_acc"}
+
+
+def test_unknown_objective_and_bad_ipc_are_named(tmp_path):
+    from robust_data.__main__ import main
+
+    with pytest.raises(SystemExit, match=r"unknown squeeze objective 'guardd'; known: ce, guard"):
+        main(["squeeze", "--out", str(tmp_path / "s"), "objective=guardd"])
+    with pytest.raises(SystemExit, match="ipc must be a positive integer"):
+        main(["pipeline", "--config", "configs/digits/guard.yaml", "--out", str(tmp_path / "p"), "recover.ipc=0"])
+    with pytest.raises(SystemExit, match="unknown config key recover.ipcs"):
+        main(["pipeline", "--config", "configs/digits/guard.yaml", "--out", str(tmp_path / "p"), "recover.ipcs=3"])
+    assert sorted(OBJECTIVES) == ["adversarial", "ce", "gradnorm", "guard", "guard-loss"]
+
+
+def test_bn_matching_is_zero_when_the_batch_has_the_running_statistics():
+    from robust_data.recover import BNStatistics
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                        nn.BatchNorm2d(4), nn.ReLU()).eval()
+    x = torch.randn(8, 1, 6, 6)
+    bn = BNStatistics(net, first_multiplier=10.0)
+    net(x)
+    assert bn.pop() > 0
+    for layer in bn.layers:  # set each layer's running statistics to what the batch shows it, in order
+        seen = {}
+        h = layer.register_forward_hook(lambda m, i, o: seen.update(x=i[0]))
+        with torch.no_grad():
+            net(x)
+        h.remove()
+        layer.running_mean.copy_(seen["x"].mean((0, 2, 3)))
+        layer.running_var.copy_(seen["x"].permute(1, 0, 2, 3).flatten(1).var(1, unbiased=False))
+    bn.pop()  # drop what the hooks saw while the statistics were being set
+    net(x)
+    assert bn.pop().item() < 1e-5
+    bn.remove()
+    assert not any(layer._forward_hooks for layer in bn.layers)
+
+
+def test_recover_refuses_a_classifier_without_batchnorm(tmp_path):
+    from core.checkpoint import save_classifier
+    from core.models import ClassifierConfig, build_classifier
+    from robust_data.recover import RecoverConfig, recover
+
+    cfg = ClassifierConfig(arch="convnet", width=8, depth=2)
+    save_classifier(build_classifier(cfg), tmp_path / "clf", cfg, {})
+    with pytest.raises(ValueError, match="no BatchNorm2d"):
+        recover(RecoverConfig(classifier=str(tmp_path / "clf")), tmp_path / "r")
+
+
+def test_soft_labels_regenerate_identically_from_the_stored_crops(tmp_path):
+    from core.checkpoint import load_classifier, save_classifier
+    from core.models import ClassifierConfig, build_classifier
+    from robust_data.distilled import save_distilled
+    from robust_data.relabel import RelabelConfig, apply_crops, relabel
+    from core.io import load_tensors
+
+    torch.manual_seed(0)
+    cfg = ClassifierConfig(arch="convnet-bn", width=8, depth=2)
+    save_classifier(build_classifier(cfg), tmp_path / "clf", cfg, {})
+    images, labels = torch.rand(6, 1, 16, 16), torch.arange(6) % 3
+    save_distilled(tmp_path / "d", images, labels, {"ipc": 2})
+    relabel(RelabelConfig(distilled=str(tmp_path / "d"), classifier=str(tmp_path / "clf"), epochs=3,
+                          min_crop=0.3), tmp_path / "r")
+    stored = load_tensors(tmp_path / "r" / "soft_labels.safetensors")
+    assert stored["crops"].shape == (3, 6, 5) and stored["logits"].shape == (3, 6, 10)
+    assert stored["logits"].dtype == torch.float16
+    teacher = load_classifier(tmp_path / "clf")
+    for e in range(3):
+        with torch.no_grad():
+            again = teacher(apply_crops(images, stored["crops"][e])).half()
+        assert torch.equal(again, stored["logits"][e])
+    assert not torch.equal(stored["crops"][0], stored["crops"][1])  # a new crop per epoch
+    assert (tmp_path / "d" / "grid.png").is_file()
+
+
+def test_tiny_pipeline_leaves_a_loadable_classifier_and_reuses_its_stages(tmp_path, capsys):
+    from core.checkpoint import load_classifier
+    from robust_data.__main__ import main
+
+    args = ["pipeline", "--config", "configs/digits/guard.yaml", "--out", str(tmp_path / "p"), "squeeze.epochs=0.5",
+            "squeeze.width=8", "recover.ipc=2", "recover.iterations=5", "recover.batch_size=10",
+            "relabel.epochs=2", "train.epochs=4", "train.width=8"]
+    main(args)
+    summary = json.loads((tmp_path / "p" / "pipeline.json").read_text())
+    assert summary["objective"] == "guard" and summary["ipc"] == 2
+    clf = load_classifier(summary["classifier"])
+    assert clf(torch.rand(2, 1, 16, 16)).shape == (2, 10)
+    distilled = json.loads((tmp_path / "p" / "recover" / "distilled" / "distilled.json").read_text())
+    assert distilled["images"] == 20 and distilled["ipc"] == 2
+    capsys.readouterr()
+    main(args)  # unchanged: every stage reused
+    out = capsys.readouterr().out
+    assert len(re.findall("unchanged: reusing", out)) == 4
