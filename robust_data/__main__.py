@@ -4,7 +4,8 @@
   recover   synthesize ipc images per class from the squeezed classifier (stage 2)
   relabel   FKD soft labels: stored crops and the squeezed classifier's fp16 logits (stage 3)
   train     a classifier from scratch on the distilled images and soft labels (stage 4)
-  pipeline  all four, each reused when unchanged and resumed when interrupted"""
+  pipeline  all four, each reused when unchanged and resumed when interrupted
+  cost      seconds per squeeze step and peak memory of each objective, as ratios to ce"""
 
 import argparse
 
@@ -27,6 +28,12 @@ def main(argv=None):
                         ("train", "train a classifier on the distilled data (stage 4)"),
                         ("pipeline", "squeeze, recover, relabel and train in one run folder")]:
         add_run_args(sub.add_parser(name, help=help_))
+    c = sub.add_parser("cost", help="seconds per squeeze step of each objective, side by side")
+    c.add_argument("--config", default="configs/digits/squeeze.yaml", help="a squeeze config (model, batch)")
+    c.add_argument("--objectives", nargs="+", default=["ce", "guard", "gradnorm", "adversarial"])
+    c.add_argument("--steps", type=int, default=10)
+    c.add_argument("--out", default=None, help="folder for cost.json and cost.md")
+    c.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
     if args.command == "squeeze":
         folder = run_or_exit(train_squeeze, resolve(SqueezeConfig, args), args.out, resume=args.resume)
@@ -38,6 +45,19 @@ def main(argv=None):
     elif args.command == "train":
         folder = run_or_exit(train_distilled, resolve(TrainConfig, args), args.out, resume=args.resume)
         print(f"classifier written to {folder}")
+    elif args.command == "cost":
+        from pathlib import Path
+
+        from core.io import atomic_write_json, atomic_write_text
+
+        from .cost import render, step_cost
+
+        rows = run_or_exit(step_cost, resolve(SqueezeConfig, args), tuple(args.objectives), args.steps)
+        print(render(rows))
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            atomic_write_json(Path(args.out) / "cost.json", rows, sort_keys=False)
+            atomic_write_text(Path(args.out) / "cost.md", render(rows) + "\n")
     else:
         r = run_or_exit(pipeline, resolve(PipelineConfig, args), args.out)
         print(f"classifier trained on {r['objective']} distilled data: {r['classifier']} "

@@ -178,3 +178,13 @@ def test_tiny_pipeline_leaves_a_loadable_classifier_and_reuses_its_stages(tmp_pa
     main(args)  # unchanged: every stage reused
     out = capsys.readouterr().out
     assert len(re.findall("unchanged: reusing", out)) == 4
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in __import__("pathlib").Path("configs").glob("*/guard*.yaml")))
+def test_shipped_pipeline_configs_load(path):
+    from core.config import load_config
+    from robust_data.objectives import OBJECTIVES
+    from robust_data.pipeline import PipelineConfig
+
+    cfg = load_config(PipelineConfig, path)
+    assert cfg.squeeze.objective in OBJECTIVES and cfg.recover.ipc >= 1
