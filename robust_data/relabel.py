@@ -43,16 +43,16 @@ def crop_params(n: int, size: tuple[int, int], epoch: int, seed: int, min_crop: 
 
 
 def apply_crops(images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    """Crop each image by its stored parameters, resize back to its size (bilinear), flip where marked."""
-    h, w = images.shape[-2:]
-    out = []
-    for img, (t, left, ch, cw, f) in zip(images, params.tolist()):
-        t, left = round(t * h), round(left * w)
-        ch, cw = max(1, round(ch * h)), max(1, round(cw * w))
-        crop = F.interpolate(img[None, :, t:t + ch, left:left + cw], size=(h, w), mode="bilinear",
-                             align_corners=False)[0]
-        out.append(crop.flip(-1) if f > 0.5 else crop)
-    return torch.stack(out)
+    """Crop each image by its stored parameters and resize it back to full size (bilinear), mirrored where
+    marked: one batched affine resampling (affine_grid + grid_sample) for the whole batch."""
+    top, left, ch, cw, flip = params.to(images.device, images.dtype).unbind(1)
+    theta = torch.zeros(len(images), 2, 3, device=images.device, dtype=images.dtype)
+    theta[:, 0, 0] = cw * (1 - 2 * (flip > 0.5).to(images.dtype))
+    theta[:, 0, 2] = 2 * left + cw - 1
+    theta[:, 1, 1] = ch
+    theta[:, 1, 2] = 2 * top + ch - 1
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 @torch.no_grad()

@@ -188,3 +188,15 @@ def test_shipped_pipeline_configs_load(path):
 
     cfg = load_config(PipelineConfig, path)
     assert cfg.squeeze.objective in OBJECTIVES and cfg.recover.ipc >= 1
+
+
+def test_stored_crops_cut_the_right_region_and_mirror_it():
+    from robust_data.relabel import apply_crops
+
+    img = torch.arange(64.0).view(1, 1, 8, 8)
+    full = apply_crops(img, torch.tensor([[0.0, 0.0, 1.0, 1.0, 0.0]]))
+    assert torch.allclose(full, img, atol=1e-5)  # the whole image, unflipped: itself
+    assert torch.allclose(apply_crops(img, torch.tensor([[0.0, 0.0, 1.0, 1.0, 1.0]])), img.flip(-1), atol=1e-5)
+    quarter = apply_crops(img, torch.tensor([[0.5, 0.5, 0.5, 0.5, 0.0]]))  # bottom-right 4x4, upsampled 2x
+    assert abs(quarter.mean() - img[..., 4:, 4:].mean()) < 1.5  # the other quarters average 13.5 to 45.5
+    assert torch.allclose(quarter[..., 3:5, 3:5].mean(), img[..., 5:7, 5:7].mean(), atol=0.01)  # centre
