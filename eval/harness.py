@@ -220,7 +220,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks=("pgd",
     result.update(threat={"norm": norm, "eps": eps, "large_eps": large_eps(norm, x.shape[1:])},
                   budgets=budgets(names, steps, eot if stochastic else 1, queries), skipped=skipped,
                   evals=evals if stochastic else 1, stochastic=stochastic, examples=n,
-                  nfe=getattr(purifier, "nfe", 0))
+                  nfe=getattr(purifier, "nfe", 0), chance=1 / n_classes)
     return result
 
 

@@ -163,7 +163,7 @@ def _plots(out: Path, results: dict) -> None:
 
     curves = {k: [(s["eps"], s["accuracy"]) for s in r["sweep"]] for k, r in results.items() if r["sweep"]}
     if curves:
-        robust_vs_eps(curves, out / "robust_vs_eps.png")
+        robust_vs_eps(curves, out / "robust_vs_eps.png", chance=next(iter(results.values())).get("chance"))
 
 
 def _pct(v) -> str:

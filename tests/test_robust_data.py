@@ -200,3 +200,28 @@ def test_stored_crops_cut_the_right_region_and_mirror_it():
     quarter = apply_crops(img, torch.tensor([[0.5, 0.5, 0.5, 0.5, 0.0]]))  # bottom-right 4x4, upsampled 2x
     assert abs(quarter.mean() - img[..., 4:, 4:].mean()) < 1.5  # the other quarters average 13.5 to 45.5
     assert torch.allclose(quarter[..., 3:5, 3:5].mean(), img[..., 5:7, 5:7].mean(), atol=0.01)  # centre
+
+
+@pytest.mark.slow
+def test_recover_and_relabel_shard_across_two_processes(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from robust_data.distilled import load_distilled
+    from robust_data.__main__ import main
+
+    main(["squeeze", "--out", str(tmp_path / "s"), "epochs=0.5", "width=8"])
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    launch = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "robust_data"]
+    subprocess.run(launch + ["recover", "--out", str(tmp_path / "r"), f"classifier={tmp_path / 's' / 'classifier'}",
+                             "ipc=2", "iterations=3", "batch_size=4"], check=True, timeout=300)
+    images, labels, meta = load_distilled(tmp_path / "r" / "distilled")
+    assert meta["processes"] == 2 and labels.tolist() == [c for c in range(10) for _ in range(2)]
+    subprocess.run(launch + ["relabel", "--out", str(tmp_path / "l"), f"distilled={tmp_path / 'r' / 'distilled'}",
+                             f"classifier={tmp_path / 's' / 'classifier'}", "epochs=3"], check=True, timeout=300)
+    from core.io import load_tensors
+
+    assert load_tensors(tmp_path / "l" / "soft_labels.safetensors")["logits"].shape == (3, 20, 10)
