@@ -195,6 +195,20 @@ def same_config_or_fail(folder: str | Path, cfg) -> None:
                               "(or delete that folder) to start afresh")
 
 
+def open_shared_folder(out: str | Path, cfg, subdir: str):
+    """For stages whose processes each write their own part files: the Accelerator, OUT/subdir made and the
+    config written on the main process, then everyone waits."""
+    from .config import save_config
+
+    acc = make_accelerator()
+    out = Path(out)
+    if acc.is_main_process:
+        (out / subdir).mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    acc.wait_for_everyone()
+    return acc, out
+
+
 def run_stage(folder: str | Path, cfg, train_fn, product: str, done: str = "train.json") -> Path:
     """Run a pipeline stage into `folder`: reuse it when its config is unchanged and it finished (`done`
     written), resume it when it has checkpoints, refuse a folder that holds another config."""

@@ -14,9 +14,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from core.checkpoint import load_classifier
-from core.config import save_config
 from core.io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
-from core.training import make_accelerator, same_config_or_fail, step_seed
+from core.training import open_shared_folder, same_config_or_fail, step_seed
 
 from .distilled import save_distilled
 from .objectives import split_normalization
@@ -161,12 +160,7 @@ def recover(cfg: RecoverConfig, out: str | Path) -> Path:
     net, _ = split_normalization(model, torch.zeros(1))
     BNStatistics(net).remove()  # no BatchNorm: say so before any work
     meta = read_json(Path(cfg.classifier) / "config.json")
-    acc = make_accelerator()
-    out = Path(out)
-    if acc.is_main_process:
-        (out / "batches").mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    acc.wait_for_everyone()
+    acc, out = open_shared_folder(out, cfg, "batches")
     net = net.to(acc.device).eval().requires_grad_(False)
     mean, std = model.mean.to(acc.device), model.std.to(acc.device)
     shape = (meta["in_channels"], meta["image_size"], meta["image_size"])

@@ -11,9 +11,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from core.checkpoint import load_classifier
-from core.config import save_config
 from core.io import atomic_save_tensors, atomic_write_json, load_tensors
-from core.training import make_accelerator, same_config_or_fail, step_seed
+from core.training import open_shared_folder, same_config_or_fail, step_seed
 
 from .distilled import load_distilled
 from .recover import random_resized_crop_params
@@ -72,12 +71,7 @@ def relabel(cfg: RelabelConfig, out: str | Path) -> Path:
     images, labels, meta = load_distilled(cfg.distilled)
     same_config_or_fail(out, cfg)
     teacher = load_classifier(cfg.classifier)
-    acc = make_accelerator()
-    out = Path(out)
-    if acc.is_main_process:
-        (out / "epochs").mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    acc.wait_for_everyone()
+    acc, out = open_shared_folder(out, cfg, "epochs")
     teacher, images = teacher.to(acc.device).eval(), images.to(acc.device)
     mine = range(acc.process_index, cfg.epochs, acc.num_processes)
     for e in tqdm(mine, desc="relabel", disable=not acc.is_main_process):

@@ -97,14 +97,20 @@ def train_squeeze(cfg: SqueezeConfig, out: str | Path, resume: bool = False) -> 
 
     seconds = fit(acc, cfg, model, opt, lr_sched, loss_fn, train, step, total, out, log, lambda s: None,
                   {"model": acc.unwrap_model(model)}, f"squeeze ({cfg.objective})")["seconds"]
+    return save_trained(acc, model, mcfg, test, out, cfg, {"objective": cfg.objective, "train_steps": total,
+                                                          "train_seconds": seconds})
+
+
+def save_trained(acc, model, mcfg, test, out: Path, cfg, meta: dict) -> Path:
+    """Test accuracy, then OUT/classifier (config + safetensors + meta) and OUT/train.json, on the main process."""
     acc.wait_for_everyone()
     folder = out / "classifier"
     if acc.is_main_process:
         net = acc.unwrap_model(model)
         x_test, y_test = to_tensors(test)
         test_acc = accuracy(net, x_test, y_test, cfg.eval_batch_size, acc.device)
-        meta = {"test_accuracy": test_acc, "test_examples": len(y_test), "objective": cfg.objective,
-                "dataset": cfg.dataset, "train_steps": total, "train_seconds": seconds, "run": str(out)}
+        meta = {"test_accuracy": test_acc, "test_examples": len(y_test), "dataset": cfg.dataset, **meta,
+                "run": str(out)}
         save_classifier(net, folder, mcfg, meta)
         atomic_write_json(out / "train.json", meta)
         acc.print(f"test accuracy {test_acc:.4f} on {len(y_test)} {cfg.dataset} test images")

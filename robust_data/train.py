@@ -11,15 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from core.checkpoint import load_classifier, save_classifier
-from core.datasets import load_dataset, to_tensors
-from core.io import atomic_write_json, load_tensors
+from core.checkpoint import load_classifier
+from core.datasets import load_dataset
+from core.io import load_tensors
 from core.models import build_classifier, classifier_config_for
 from core.training import LoopConfig, fit, open_run
 
 from .distilled import load_distilled
 from .relabel import apply_crops, crop_params
-from .squeeze import accuracy
+from .squeeze import save_trained
 
 
 @dataclass
@@ -117,17 +117,6 @@ def train_distilled(cfg: TrainConfig, out: str | Path, resume: bool = False) -> 
     data = TensorDataset(torch.arange(len(labels)), labels)
     seconds = fit(acc, cfg, model, opt, lr_sched, loss_fn, data, step, total, out, log, lambda s: None,
                   {"model": acc.unwrap_model(model)}, "train on distilled data")["seconds"]
-    acc.wait_for_everyone()
-    folder = out / "classifier"
-    if acc.is_main_process:
-        net = acc.unwrap_model(model)
-        x_test, y_test = to_tensors(test)
-        test_acc = accuracy(net, x_test, y_test, cfg.eval_batch_size, acc.device)
-        result = {"test_accuracy": test_acc, "test_examples": len(y_test), "distilled": cfg.distilled,
-                  "ipc": meta.get("ipc"), "soft_labels": cfg.soft_labels, "dataset": cfg.dataset,
-                  "train_steps": total, "train_seconds": seconds, "run": str(out)}
-        save_classifier(net, folder, mcfg, result)
-        atomic_write_json(out / "train.json", result)
-        acc.print(f"test accuracy {test_acc:.4f} on {len(y_test)} {cfg.dataset} test images")
-    acc.wait_for_everyone()
-    return folder
+    return save_trained(acc, model, mcfg, test, out, cfg, {"distilled": cfg.distilled, "ipc": meta.get("ipc"),
+                                                          "soft_labels": cfg.soft_labels, "train_steps": total,
+                                                          "train_seconds": seconds})
