@@ -93,7 +93,8 @@ def render(r: dict) -> str:
         f"{pct(res['pgd_transfer_accuracy_purified'])} (non-adaptive) |", "",
         "The purified PGD number is a *non-adaptive* one: the attack was crafted on the bare classifier "
         "and never saw the purifier, so it overstates robustness. Adaptive attacks (full gradients "
-        "through the purifier, BPDA, EOT) belong to the attack harness.", "",
+        "through the purifier, BPDA, EOT) are the attack harness's: "
+        "`python -m eval robustness --config configs/digits/eval.yaml --out runs/eval`.", "",
         f"Classifier: test accuracy {pct(r['classifier_train']['test_accuracy'])}, "
         f"trained in {r['classifier_train']['train_seconds']:.0f} s. "
         f"Teacher: {r['teacher_train']['unet_parameters'] / 1e6:.2f}M-parameter UNet, "
