@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
 import shutil
@@ -225,6 +226,13 @@ def make_optimizer(cfg: LoopConfig, params):
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warm = max(1, cfg.warmup_steps)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+
+
+def cosine_schedule(opt, total: int, warmup_steps: int = 0):
+    """Linear warm-up over `warmup_steps`, then a cosine decay to zero at step `total`."""
+    warm = max(1, warmup_steps)
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(math.pi * min(s, total) / total))))
 
 
 @dataclass

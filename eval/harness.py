@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from core.io import atomic_save_tensors, atomic_write_json
+from core.io import atomic_save_tensors, atomic_write_json, read_json
 from core.training import make_accelerator
 
 from .attacks import (ATTACKS, BPDA, NEEDS_PURIFIER, STEPS, build_attack, check_attack, large_eps, preset_eps)
@@ -36,6 +36,11 @@ class Job:
     steps: int | None
     r: int = 0
     n: int | None = None
+
+
+def n_batches(job: Job, n: int, batch_size: int) -> int:
+    """Batches of a job over the first min(job.n, n) examples."""
+    return -(-min(job.n or n, n) // batch_size)
 
 
 def item_seed(seed: int, key: str, batch: int) -> int:
@@ -123,18 +128,17 @@ class _Runner:
                 p.set_grad_checkpoint(False)
 
 
-def plan(attacks, evals: int, stochastic: bool, eps: float, steps: dict, sweep_eps, sweep_n, check_steps: bool,
-         check_n, has_purifier: bool) -> tuple[list[Job], dict]:
-    """The jobs of one evaluation and the attacks skipped (with the reason)."""
-    R = evals if stochastic else 1
+def plan(attacks, R: int, stochastic: bool, eps: float, steps: dict, sweep_eps, sweep_n, check_steps: bool,
+         check_n) -> tuple[list[Job], dict]:
+    """The jobs of one evaluation (R evaluations of each attack) and the attacks skipped, with the reason."""
     jobs = [Job(f"clean/{r}", None, eps, None, r) for r in range(R)]
     skipped = {}
     for a in attacks:
-        if a in NEEDS_PURIFIER and not has_purifier:
+        if a in NEEDS_PURIFIER and not stochastic:
             skipped[a] = "needs a purifier in front of the classifier"
             continue
         jobs += [Job(f"{a}/{r}", a, eps, steps.get(a), r) for r in range(R)]
-    primary = next((a for a in (("pgd-eot", "pgd") if has_purifier else ("pgd", "pgd-eot")) if a in attacks), None)
+    primary = next((a for a in (("pgd-eot", "pgd") if stochastic else ("pgd", "pgd-eot")) if a in attacks), None)
     if primary and sweep_eps:
         jobs += [Job(f"sweep/{primary}/{e:g}", primary, float(e), steps.get(primary), 0, sweep_n)
                  for e in sweep_eps]
@@ -183,13 +187,13 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks=("pgd",
     with torch.no_grad():
         n_classes = model(x[:2]).shape[1]
 
+    R, eot = (evals, eot) if stochastic else (1, 1)  # a deterministic model: one evaluation, no EOT
     flags = seed_checks(purifier, x[:min(16, n)], seed) if stochastic else []
-    jobs, skipped = plan(attacks, evals, stochastic, eps, steps, sweep_eps, sweep_n or n, check_steps,
-                         check_n or n, purifier is not None)
+    jobs, skipped = plan(attacks, R, stochastic, eps, steps, sweep_eps, sweep_n or n, check_steps, check_n or n)
     out = Path(out) if out is not None else None
     log = out / "examples.jsonl" if out is not None else None
     settings = {"examples": n, "labels": zlib.crc32(y.cpu().numpy().tobytes()), "norm": norm, "eps": eps,
-                "eot": eot if stochastic else 1, "queries": queries, "batch_size": batch_size, "seed": seed,
+                "eot": eot, "queries": queries, "batch_size": batch_size, "seed": seed,
                 "jobs": [[j.key, j.eps, j.steps, j.n] for j in jobs]}
     if out is not None:
         _check_settings(out / "settings.json", settings, acc)
@@ -197,8 +201,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks=("pgd",
     if samples is not None and acc.is_main_process:
         samples.mkdir(parents=True, exist_ok=True)
     records = _read_records(log)
-    items = [(j, b) for j in jobs for b in range(-(-min(j.n or n, n) // batch_size)) if (j.key, b) not in records]
-    runner = _Runner(model, x, y, norm=norm, n_classes=n_classes, seed=seed, eot=eot if stochastic else 1,
+    items = [(j, b) for j in jobs for b in range(n_batches(j, n, batch_size)) if (j.key, b) not in records]
+    runner = _Runner(model, x, y, norm=norm, n_classes=n_classes, seed=seed, eot=eot,
                      queries=queries, batch_size=batch_size, grad_checkpoint=grad_checkpoint,
                      transfer_source=transfer_source, samples_dir=samples)
     world, rank = acc.num_processes, acc.process_index
@@ -215,11 +219,11 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks=("pgd",
         bar.update(len(got))
     bar.close()
     names = [a for a in attacks if a not in skipped]
-    result = summarize(names, evals if stochastic else 1, jobs, records, y.cpu(), n,
-                       batch_size, stochastic, chance=1 / n_classes, tolerance=tolerance, flags=flags)
+    result = summarize(names, R, jobs, records, y.cpu(), n, batch_size, stochastic, chance=1 / n_classes,
+                       tolerance=tolerance, flags=flags)
     result.update(threat={"norm": norm, "eps": eps, "large_eps": large_eps(norm, x.shape[1:])},
-                  budgets=budgets(names, steps, eot if stochastic else 1, queries), skipped=skipped,
-                  evals=evals if stochastic else 1, stochastic=stochastic, examples=n,
+                  budgets=budgets(names, steps, eot, queries), skipped=skipped, evals=R, stochastic=stochastic,
+                  examples=n,
                   nfe=getattr(purifier, "nfe", 0), chance=1 / n_classes)
     return result
 
@@ -227,7 +231,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks=("pgd",
 def _check_settings(path: Path, settings: dict, acc) -> None:
     """Records in `path`'s folder are only reused for the very same evaluation."""
     if path.is_file():
-        old = json.loads(path.read_text())
+        old = read_json(path)
         if old != settings:
             changed = sorted(k for k in settings if old.get(k) != settings[k])
             raise FileExistsError(f"{path.parent} holds records of another evaluation (changed: "
@@ -264,41 +268,39 @@ def budgets(attacks, steps: dict, eot: int, queries: int) -> dict:
     return out
 
 
-def _matrix(records, key_prefix: str, R: int, batches: int) -> tuple[torch.Tensor, list]:
-    rows, broken = [], []
-    for r in range(R):
-        recs = [records[f"{key_prefix}/{r}", b] for b in range(batches)]
-        rows.append(torch.tensor([c for rec in recs for c in rec["correct"]], dtype=torch.bool))
-        broken += [c for rec in recs for c in rec.get("broken_by", [])]
-    return torch.stack(rows), broken
-
-
 def summarize(names, R, jobs, records, y, n, batch_size, stochastic, chance, tolerance, flags) -> dict:
     """Aggregate per-example records into the report: averages, worst cases, per-example results, flags."""
-    batches = -(-n // batch_size)
+    by_key = {j.key: j for j in jobs}
+
+    def collect(key: str, field: str = "correct") -> list:
+        """A job's per-example values, its batches in order."""
+        recs = [records[key, b] for b in range(n_batches(by_key[key], n, batch_size))]
+        return [v for rec in recs for v in rec.get(field, [])]
+
+    def matrix(name: str) -> torch.Tensor:
+        return torch.tensor([collect(f"{name}/{r}") for r in range(R)], dtype=torch.bool)
 
     def stats(m):
         return {"average": m.float().mean().item(), "worst": m.all(0).float().mean().item(),
                 "per_eval": m.float().mean(1).tolist()}
 
-    def prefix(job):
-        nb = -(-min(job.n or n, n) // batch_size)
-        return [v for b in range(nb) for v in records[job.key, b]["correct"]]
+    def seconds(name: str) -> float:
+        keys = [f"{name}/{r}" for r in range(R)]
+        return sum(records[k, b]["seconds"] for k in keys for b in range(n_batches(by_key[k], n, batch_size)))
 
-    clean_m, _ = _matrix(records, "clean", R, batches)
-    attacks, mats, seconds = {}, {}, {}
+    clean_m = matrix("clean")
+    attacks, mats = {}, {}
     for name in names:
-        mats[name], broken = _matrix(records, name, R, batches)
+        mats[name] = matrix(name)
         attacks[name] = stats(mats[name])
+        broken = [v for r in range(R) for v in collect(f"{name}/{r}", "broken_by")]
         if broken:
             attacks[name]["broken_by"] = {k: broken.count(k) / (R * n) for k in dict.fromkeys(broken) if k}
-        seconds[name] = sum(records[f"{name}/{r}", b]["seconds"] for r in range(R) for b in range(batches))
-    seconds["clean"] = sum(records[f"clean/{r}", b]["seconds"] for r in range(R) for b in range(batches))
-    sweep = [(j.eps, sum(c) / len(c)) for j in jobs if j.key.startswith("sweep/") for c in [prefix(j)]]
+    sweep = [(j.eps, sum(c) / len(c)) for j in jobs if j.key.startswith("sweep/") for c in [collect(j.key)]]
     doubled = None
     for j in jobs:
         if j.key.startswith("check/"):
-            c2 = prefix(j)
+            c2 = collect(j.key)
             c1 = mats[j.attack][0, :len(c2)].tolist()
             doubled = {"attack": j.attack, "steps": j.steps // 2, "base": sum(c1) / len(c1),
                        "doubled": sum(c2) / len(c2), "examples": len(c2)}
@@ -308,4 +310,5 @@ def summarize(names, R, jobs, records, y, n, batch_size, stochastic, chance, tol
     per_example = {"label": y.tolist(), "clean": clean_m.T.tolist(), **{k: m.T.tolist() for k, m in mats.items()}}
     return {"clean": clean, "attacks": attacks, "worst_over_attacks": worst_all,
             "sweep": [{"eps": e, "accuracy": a} for e, a in sweep], "doubled_steps": doubled, "flags": flags,
-            "raised": [f["name"] for f in flags if f["raised"]], "per_example": per_example, "seconds": seconds}
+            "raised": [f["name"] for f in flags if f["raised"]], "per_example": per_example,
+            "seconds": {name: seconds(name) for name in [*names, "clean"]}}

@@ -94,8 +94,8 @@ def benchmark(purifiers: dict, classifier=None, batch_sizes=(1, 64), warmup: int
         r = time_module(module, x, warmup, repeats, v.get("autocast"))
         if v.get("channels_last"):
             module.to(memory_format=torch.contiguous_format)
-        rows.append({"variant": v["name"], "purifier": label, "with_classifier": with_clf, "batch_size": b,
-                     "nfe": pur.nfe, **r, "images_per_s": b / r["median_s"], "ms_per_image": 1000 * r["median_s"] / b})
+        rows.append({"variant": v["name"], "device": str(device), "purifier": label, "with_classifier": with_clf,
+                     "batch_size": b, "nfe": pur.nfe, **r, "images_per_s": b / r["median_s"], "ms_per_image": 1000 * r["median_s"] / b})
     for row in rows:
         ref = next(r for r in rows if r["variant"] == row["variant"] and r["batch_size"] == row["batch_size"]
                    and r["with_classifier"] == row["with_classifier"])
@@ -117,7 +117,8 @@ def render(rows: list[dict], device: str) -> str:
                      f"{r['images_per_s']:.1f} | {r['ms_per_image']:.2f} | {peak} | {r['speedup']:.1f}x | "
                      f"{r['vs_plain']:.2f}x |")
     lines += ["", "Speed-up: the first purifier's median time over this row's, same variant, batch and "
-              "classifier setting; vs plain: the same purifier's plain median over this row's. Peak memory is torch.cuda.max_memory_allocated (not measured on CPU).", ""]
+              "classifier setting; vs plain: the same purifier's plain median over this row's. Peak memory is "
+              "torch.cuda.max_memory_allocated (not measured on CPU).", ""]
     return "\n".join(lines)
 
 
@@ -133,8 +134,9 @@ def run_latency(purifier_dirs: list[str], classifier_dir: str | None, batch_size
         purifiers[label if label not in purifiers else f"{label}-{len(purifiers)}"] = p
     classifier = load_classifier(classifier_dir) if classifier_dir else None
     rows = benchmark(purifiers, classifier, batch_sizes, **kw)
-    device = kw.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-    name = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    device = rows[0]["device"]
+    cpu = f"CPU, {torch.get_num_threads()} threads"
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else cpu
     text = render(rows, name)
     if out is not None:
         out = Path(out)

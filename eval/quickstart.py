@@ -11,6 +11,7 @@ from core.checkpoint import load_classifier
 from core.config import replace
 from core.datasets import load_dataset, to_tensors
 from core.io import atomic_write_json, atomic_write_text, read_json
+from core.plots import image_grid
 from core.training import run_stage
 from distill.teacher import TeacherConfig, train_teacher
 from purify import load_purifier
@@ -18,7 +19,7 @@ from robust_data.squeeze import SqueezeConfig, accuracy, train_squeeze
 
 from .accuracy import purify_batches
 from .attacks import build_attack
-from .plots import image_grid, training_curves
+from .plots import training_curves
 
 EPS = 0.1  # Linf budget on digits (16x16, [0, 1]): PGD at 0.1 breaks the undefended ConvNet
 FAST = {"squeeze": {"epochs": 5.0}, "teacher": {"train_steps": 300, "checkpoint_every": 100}}

@@ -6,12 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from core.checkpoint import load_classifier
 from core.config import save_config, to_dict
 from core.datasets import load_dataset, to_tensors
-from core.io import atomic_write_json, atomic_write_text, load_tensors
+from core.io import atomic_write_json, atomic_write_text, load_tensors, read_json
 from core.training import make_accelerator, same_config_or_fail
 from purify import load_purifier
 
@@ -83,16 +82,15 @@ def _label(folder) -> str:
     """'consistency-1' from a purifier folder's purifier.json, else the folder's name."""
     meta = Path(folder) / "purifier.json"
     if meta.is_file():
-        c = yaml.safe_load(meta.read_text())
+        c = read_json(meta)
         return f"{c.get('kind', 'purifier')}-{c.get('nfe', c.get('steps', ''))}"
     return Path(folder).name
 
 
-def check(cfg: EvalConfig) -> None:
+def check(cfg: EvalConfig) -> list[dict]:
+    """Everything that can be wrong with `cfg`, before any work; returns the defenses to evaluate."""
     if cfg.norm not in NORMS:
         raise ValueError(f"unknown norm {cfg.norm!r}; known: {', '.join(NORMS)}")
-    for a in cfg.attacks:
-        check_attack(a, cfg.norm)
     if set(cfg.steps) - set(ATTACKS):
         raise ValueError(f"steps for unknown attack(s) {sorted(set(cfg.steps) - set(ATTACKS))}")
     if cfg.grad_checkpoint not in ("auto", "true", "false"):
@@ -100,14 +98,15 @@ def check(cfg: EvalConfig) -> None:
     if not Path(cfg.classifier).is_dir():
         raise FileNotFoundError(f"classifier folder {cfg.classifier} does not exist (train one with "
                                 "`python -m robust_data squeeze` or `python -m eval quickstart`)")
-    if any(a == "transfer" for d in defenses(cfg) for a in d["attacks"]) and not cfg.transfer_from:
+    plan = defenses(cfg)
+    if any(a == "transfer" for d in plan for a in d["attacks"]) and not cfg.transfer_from:
         raise ValueError("the transfer attack needs transfer_from: the purifier folder to craft the examples on")
+    return plan
 
 
 def run_robustness(cfg: EvalConfig, out: str | Path) -> dict:
     """Evaluate every defense in `cfg`; write OUT/report.{json,md}, OUT/<label>/ records and the plots."""
-    check(cfg)
-    plan = defenses(cfg)
+    plan = check(cfg)
     out = Path(out)
     same_config_or_fail(out, cfg)
     acc = make_accelerator()
@@ -118,12 +117,13 @@ def run_robustness(cfg: EvalConfig, out: str | Path) -> dict:
     eps = cfg.eps if cfg.eps is not None else preset_eps(cfg.dataset, cfg.norm)
     classifier = load_classifier(cfg.classifier)
     transfer = (Defended(load_purifier(cfg.transfer_from), classifier) if cfg.transfer_from else None)
+    test, _ = load_dataset(cfg.dataset, "test", root=cfg.data_root)
+    gc = {"auto": "auto", "true": True, "false": False}[cfg.grad_checkpoint]
     results = {}
     for i, d in enumerate(plan):
-        x, y = to_tensors(load_dataset(cfg.dataset, "test", root=cfg.data_root)[0], d["n"], seed=cfg.seed)
+        x, y = to_tensors(test, d["n"], seed=cfg.seed)
         purifier = load_purifier(d["purifier"]) if d["purifier"] else None
         model = Defended(purifier, classifier, d["votes"])
-        gc = {"auto": "auto", "true": True, "false": False}[cfg.grad_checkpoint]
         results[d["label"]] = r = evaluate(
             model, x, y, d["attacks"], d["evals"], norm=cfg.norm, eps=eps, eot=d["eot"], steps=d["steps"],
             queries=cfg.queries, batch_size=cfg.batch_size, seed=cfg.seed, sweep_eps=d["sweep_eps"],
@@ -144,7 +144,7 @@ def run_robustness(cfg: EvalConfig, out: str | Path) -> dict:
 
 def _grid(folder: Path, x: torch.Tensor, purifier, attacks, seed: int) -> None:
     """clean / adversarial / purified images for the first attack that saved samples."""
-    from .plots import image_grid
+    from core.plots import image_grid
 
     for a in attacks:
         f = folder / "samples" / f"{a}_0.safetensors"

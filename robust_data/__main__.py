@@ -46,18 +46,9 @@ def main(argv=None):
         folder = run_or_exit(train_distilled, resolve(TrainConfig, args), args.out, resume=args.resume)
         print(f"classifier written to {folder}")
     elif args.command == "cost":
-        from pathlib import Path
+        from .cost import run_cost
 
-        from core.io import atomic_write_json, atomic_write_text
-
-        from .cost import render, step_cost
-
-        rows = run_or_exit(step_cost, resolve(SqueezeConfig, args), tuple(args.objectives), args.steps)
-        print(render(rows))
-        if args.out:
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            atomic_write_json(Path(args.out) / "cost.json", rows, sort_keys=False)
-            atomic_write_text(Path(args.out) / "cost.md", render(rows) + "\n")
+        run_or_exit(run_cost, resolve(SqueezeConfig, args), tuple(args.objectives), args.steps, args.out)
     else:
         r = run_or_exit(pipeline, resolve(PipelineConfig, args), args.out)
         print(f"classifier trained on {r['objective']} distilled data: {r['classifier']} "

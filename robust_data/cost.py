@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 from core.config import replace
 from core.datasets import load_dataset, to_tensors
+from core.io import atomic_write_json, atomic_write_text
 from core.models import build_classifier, classifier_config_for
 
 from .objectives import get_objective
@@ -61,6 +63,18 @@ def step_cost(cfg: SqueezeConfig, objectives=("ce", "guard", "gradnorm", "advers
              "ratio": statistics.median(times[name]) / base, "peak_memory_mb": peaks[name],
              "memory_ratio": peaks[name] / base_peak if base_peak else None, "batch_size": cfg.batch_size,
              "arch": cfg.arch, "dataset": cfg.dataset, "device": str(device)} for name in objectives]
+
+
+def run_cost(cfg: SqueezeConfig, objectives, steps: int = 10, out: str | Path | None = None) -> list[dict]:
+    """Measure, print the table, and write OUT/cost.json and OUT/cost.md when `out` is given."""
+    rows = step_cost(cfg, objectives, steps)
+    text = render(rows)
+    print(text)
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        atomic_write_json(Path(out) / "cost.json", rows, sort_keys=False)
+        atomic_write_text(Path(out) / "cost.md", text + "\n")
+    return rows
 
 
 def render(rows: list[dict]) -> str:

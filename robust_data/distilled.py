@@ -7,12 +7,11 @@ from pathlib import Path
 import torch
 
 from core.io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
+from core.plots import image_grid
 
 
 def save_distilled(folder: str | Path, images: torch.Tensor, labels: torch.Tensor, meta: dict) -> Path:
     """Write the images (float32 NCHW in [0, 1]), labels and metadata, and a PNG grid (one row per class)."""
-    from eval.plots import image_grid
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_save_tensors({"images": images.float().contiguous(), "labels": labels.long().contiguous()},

@@ -48,10 +48,14 @@ def input_grad(net, x, y, create_graph: bool = False) -> tuple[torch.Tensor, tor
     return g, x
 
 
-def curvature_direction(net, xn, y, h: float) -> torch.Tensor:
-    """z = h g / ||g|| per example, g the input gradient of the loss (detached, as in GUARD)."""
-    g, _ = input_grad(net, xn, y)
+def unit_step(g: torch.Tensor, h: float) -> torch.Tensor:
+    """h g / ||g|| per example (with GUARD's 1e-7 guards)."""
     return h * (g + 1e-7) / (g.flatten(1).norm(dim=1).view(-1, *[1] * (g.dim() - 1)) + 1e-7)
+
+
+def curvature_direction(net, xn, y, h: float) -> torch.Tensor:
+    """GUARD's z = h g / ||g|| per example, g the input gradient of the loss (detached)."""
+    return unit_step(input_grad(net, xn, y)[0], h)
 
 
 def guard_penalty(net, xn, y, h: float) -> torch.Tensor:
@@ -60,40 +64,47 @@ def guard_penalty(net, xn, y, h: float) -> torch.Tensor:
     grad_x [L(x + z) - L(x)] with z held fixed, as GUARD writes it, is the difference of the two input
     gradients; computing grad_x L(x) once, in the graph, also gives z, which saves a forward and a backward."""
     g, _ = input_grad(net, xn, y, create_graph=True)
-    z = h * (g.detach() + 1e-7) / (g.detach().flatten(1).norm(dim=1).view(-1, *[1] * (g.dim() - 1)) + 1e-7)
-    g_z, _ = input_grad(net, xn.detach() + z, y, create_graph=True)
+    g_z, _ = input_grad(net, xn.detach() + unit_step(g.detach(), h), y, create_graph=True)
     return (g_z - g).flatten(1).norm(dim=1)
+
+
+def loss_difference(net, xn, y, h: float) -> torch.Tensor:
+    """|L(x + z) - L(x)| of the batch-mean loss, L(x) computed once for both z and the difference."""
+    x = xn.detach().requires_grad_(True)
+    loss_x = F.cross_entropy(net(x), y)
+    z = unit_step(torch.autograd.grad(loss_x, x, retain_graph=True)[0], h)
+    return (F.cross_entropy(net(xn.detach() + z), y) - loss_x).abs()
+
+
+def input_grad_norm(net, xn, y) -> torch.Tensor:
+    """Per-example ||grad_x L||, kept in the graph."""
+    return input_grad(net, xn, y, create_graph=True)[0].flatten(1).norm(dim=1)
+
+
+def penalized(model, x, y, penalty, reg_lambda: float, label_smoothing: float = 0.0):
+    """cross-entropy + reg_lambda * mean penalty(net, normalised x, y), the penalty probed in eval mode."""
+    loss, stats = cross_entropy(model, x, y, label_smoothing)
+    net, xn = split_normalization(model, x)
+    with eval_mode(net):
+        reg = penalty(net, xn, y).mean()
+    return loss + reg_lambda * reg, {**stats, "reg": reg.detach()}
 
 
 def guard(model, x, y, reg_lambda: float = 100.0, reg_h: float = 3.0, label_smoothing: float = 0.0):
     """GUARD (Xue et al., AAAI 2025): cross-entropy + lambda * mean ||grad L(x + z) - grad L(x)||."""
-    loss, stats = cross_entropy(model, x, y, label_smoothing)
-    net, xn = split_normalization(model, x)
-    with eval_mode(net):
-        reg = guard_penalty(net, xn, y, reg_h).mean()
-    return loss + reg_lambda * reg, {**stats, "reg": reg.detach()}
+    return penalized(model, x, y, functools.partial(guard_penalty, h=reg_h), reg_lambda, label_smoothing)
 
 
 def guard_loss(model, x, y, reg_lambda: float = 100.0, reg_h: float = 3.0, label_smoothing: float = 0.0):
     """GUARD's ImageNet-code variant: cross-entropy + lambda * |L(x + z) - L(x)| (batch-mean losses)."""
-    loss, stats = cross_entropy(model, x, y, label_smoothing)
-    net, xn = split_normalization(model, x)
-    with eval_mode(net):
-        z = curvature_direction(net, xn, y, reg_h)
-        reg = (F.cross_entropy(net(xn + z), y) - F.cross_entropy(net(xn), y)).abs()
-    return loss + reg_lambda * reg, {**stats, "reg": reg.detach()}
+    return penalized(model, x, y, functools.partial(loss_difference, h=reg_h), reg_lambda, label_smoothing)
 
 
 def gradnorm(model, x, y, reg_lambda: float = 100.0, label_smoothing: float = 0.0):
     """Input-gradient norm penalty, the ablation: lambda * mean ||grad_x L||, kept in the graph.
 
     (GUARD's ablation script detaches this gradient, so its penalty never reaches the weights.)"""
-    loss, stats = cross_entropy(model, x, y, label_smoothing)
-    net, xn = split_normalization(model, x)
-    with eval_mode(net):
-        g, _ = input_grad(net, xn, y, create_graph=True)
-        reg = g.flatten(1).norm(dim=1).mean()
-    return loss + reg_lambda * reg, {**stats, "reg": reg.detach()}
+    return penalized(model, x, y, input_grad_norm, reg_lambda, label_smoothing)
 
 
 def adversarial(model, x, y, adv_eps: float = 1 / 255, adv_steps: int = 10, label_smoothing: float = 0.0):

@@ -9,6 +9,7 @@ from core.config import replace, save_config, to_dict
 from core.io import atomic_write_json, read_json
 from core.training import run_stage
 
+from .objectives import get_objective
 from .recover import RecoverConfig, recover
 from .relabel import RelabelConfig, relabel
 from .squeeze import SqueezeConfig, train_squeeze
@@ -48,8 +49,6 @@ def pipeline(cfg: PipelineConfig, out: str | Path) -> dict:
     stages = stage_configs(cfg, out)
     if stages["recover"].ipc < 1:
         raise ValueError(f"recover.ipc must be a positive integer, got {stages['recover'].ipc}")
-    from .objectives import get_objective
-
     get_objective(cfg.squeeze.objective)  # an unknown name fails here, before any stage runs
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")

@@ -18,7 +18,6 @@ from core.io import atomic_save_tensors, atomic_write_json, load_tensors, read_j
 from core.training import open_shared_folder, same_config_or_fail, step_seed
 
 from .distilled import save_distilled
-from .objectives import split_normalization
 
 
 @dataclass
@@ -40,14 +39,20 @@ class RecoverConfig:
     seed: int = 0
 
 
+def bn_layers(net: nn.Module) -> list[nn.BatchNorm2d]:
+    """The BatchNorm2d layers recover matches, or an error saying the classifier has none."""
+    layers = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    if not layers:
+        raise ValueError("recover matches BatchNorm statistics, but the classifier has no BatchNorm2d layer "
+                         "(squeeze with arch convnet-bn, resnet18 or wrn-28-10)")
+    return layers
+
+
 class BNStatistics:
     """Hooks on every BatchNorm2d: the distance of the batch's mean / biased variance to the running ones."""
 
     def __init__(self, net: nn.Module, first_multiplier: float = 10.0):
-        self.layers = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
-        if not self.layers:
-            raise ValueError("recover matches BatchNorm statistics, but the classifier has no BatchNorm2d layer "
-                             "(squeeze with arch convnet-bn, resnet18 or wrn-28-10)")
+        self.layers = bn_layers(net)
         self.weights = [first_multiplier] + [1.0] * (len(self.layers) - 1)
         self.losses: list[torch.Tensor] = []
         self.handles = [m.register_forward_hook(self.hook) for m in self.layers]
@@ -157,8 +162,8 @@ def recover(cfg: RecoverConfig, out: str | Path) -> Path:
         raise ValueError("recover needs classifier: the squeezed classifier folder")
     model = load_classifier(cfg.classifier)
     same_config_or_fail(out, cfg)
-    net, _ = split_normalization(model, torch.zeros(1))
-    BNStatistics(net).remove()  # no BatchNorm: say so before any work
+    net = model.net  # classifiers normalise inside (core.models.Normalized): optimise behind that front
+    bn_layers(net)  # no BatchNorm: say so before any work
     meta = read_json(Path(cfg.classifier) / "config.json")
     acc, out = open_shared_folder(out, cfg, "batches")
     net = net.to(acc.device).eval().requires_grad_(False)

@@ -13,7 +13,7 @@ from core.checkpoint import save_classifier
 from core.datasets import load_dataset, to_tensors
 from core.io import atomic_write_json
 from core.models import build_classifier, classifier_config_for
-from core.training import LoopConfig, fit, open_run
+from core.training import LoopConfig, cosine_schedule, fit, open_run
 
 from .objectives import get_objective
 
@@ -86,9 +86,7 @@ def train_squeeze(cfg: SqueezeConfig, out: str | Path, resume: bool = False) -> 
                               weight_decay=cfg.weight_decay)
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warm = max(1, cfg.warmup_steps)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(math.pi * min(s, total) / total))))
+    lr_sched = cosine_schedule(opt, total, cfg.warmup_steps)
     step = run.resume({"model": model}, opt, lr_sched)
     model, opt = acc.prepare(model, opt)
 

@@ -15,7 +15,7 @@ from core.checkpoint import load_classifier
 from core.datasets import load_dataset
 from core.io import load_tensors
 from core.models import build_classifier, classifier_config_for
-from core.training import LoopConfig, fit, open_run
+from core.training import LoopConfig, cosine_schedule, fit, open_run
 
 from .distilled import load_distilled
 from .relabel import apply_crops, crop_params
@@ -86,7 +86,7 @@ def train_distilled(cfg: TrainConfig, out: str | Path, resume: bool = False) -> 
     torch.manual_seed(cfg.seed)
     model = build_classifier(mcfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    lr_sched = cosine_schedule(opt, total, cfg.warmup_steps)
     step = run.resume({"model": model}, opt, lr_sched)
     model, opt = acc.prepare(model, opt)
     images = images.to(acc.device)
