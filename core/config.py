@@ -115,8 +115,8 @@ def _merge(base: dict, extra: dict) -> dict:
     return merged
 
 
-def load_config(cls, path: str | Path | None = None, overrides: list[str] | None = None):
-    """Read YAML `path` (or the dataclass defaults), apply `key=value` overrides, validate."""
+def load_config(cls, path: str | Path | None = None, overrides: list[str] | None = None, base=None):
+    """Read YAML `path` over `base` (default: the dataclass defaults), apply `key=value` overrides, validate."""
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -125,7 +125,7 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
         data = _load_yaml(path.read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
-    base = to_dict(cls())
+    base = to_dict(base if base is not None else cls())
     return from_dict(cls, _merge(_merge(base, data), parse_overrides(overrides or [])))
 
 

@@ -95,3 +95,14 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
     return load_file(str(path))
+
+
+def fingerprint(folder: str | Path) -> str:
+    """sha256 over a folder's weights and metadata (names and bytes): which model a later stage was built from."""
+    import hashlib
+
+    folder, h = Path(folder), hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json")):
+        h.update(str(f.relative_to(folder)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()

@@ -210,11 +210,33 @@ def open_shared_folder(out: str | Path, cfg, subdir: str):
     return acc, out
 
 
-def run_stage(folder: str | Path, cfg, train_fn, product: str, done: str = "train.json") -> Path:
-    """Run a pipeline stage into `folder`: reuse it when its config is unchanged and it finished (`done`
-    written), resume it when it has checkpoints, refuse a folder that holds another config."""
+def same_inputs_or_fail(folder: str | Path, inputs: dict) -> None:
+    """A stage folder built from other upstream models (`inputs`: name -> folder) is never reused or continued;
+    the first call records their fingerprints in FOLDER/inputs.json."""
+    from .io import fingerprint
+
+    folder = Path(folder)
+    now = {name: fingerprint(path) for name, path in inputs.items()}
+    saved = folder / "inputs.json"
+    if saved.is_file():
+        changed = sorted(k for k, v in read_json(saved).items() if now.get(k, v) != v)
+        if changed:
+            raise FileExistsError(f"{folder} was built from another {', '.join(changed)} than "
+                                  f"{', '.join(str(inputs[k]) for k in changed)} now holds; delete {folder} "
+                                  "to rebuild it, or pass another --out")
+    elif now:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(saved, now)
+
+
+def run_stage(folder: str | Path, cfg, train_fn, product: str, done: str = "train.json",
+              inputs: dict | None = None) -> Path:
+    """Run a pipeline stage into `folder`: reuse it when its config and `inputs` (name -> upstream folder) are
+    unchanged and it finished (`done` written), resume it when it has checkpoints, refuse a folder that holds
+    another config or was built from other inputs."""
     folder = Path(folder)
     same_config_or_fail(folder, cfg)
+    same_inputs_or_fail(folder, inputs or {})
     if (folder / "config.yaml").is_file() and (folder / product).exists() and (folder / done).is_file():
         print(f"[{folder.name}] unchanged: reusing {folder / product}")
         return folder / product

@@ -1,4 +1,4 @@
-"""python -m eval quickstart [--fast] [--out DIR]
+"""python -m eval quickstart [--fast] [--out DIR] [--config FILE] [key=value ...]
 python -m eval accuracy --purifier DIR --classifier DIR [--n N]
 python -m eval compare --teacher DIR --student DIR [--student DIR ...] --classifier DIR [--out DIR]
 python -m eval robustness --config configs/digits/eval.yaml --out DIR [key=value ...]
@@ -28,9 +28,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    q = sub.add_parser("quickstart", help="the main job on the embedded digits: train, purify, report")
-    q.add_argument("--fast", action="store_true", help="tiny budgets (about 2 minutes): a smoke run, not results")
+    q = sub.add_parser("quickstart", help="the main job: both tracks, every classifier x purifier, latency, report")
+    q.add_argument("--fast", action="store_true", help="tiny budgets (about 3 minutes): a smoke run, not results")
     q.add_argument("--out", default=None, help="run folder (default runs/quickstart, or runs/quickstart-fast)")
+    q.add_argument("--config", default=None, help="YAML with any QuickstartConfig keys, over the default budget")
+    q.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. teacher.train_steps=1200 harness.n=128")
     a = _test_data_args(sub.add_parser("accuracy", help="clean accuracy bare and through a purifier, and s/batch"), None)
     a.add_argument("--batch-size", type=int, default=64)
     c = _test_data_args(sub.add_parser("compare", help="students against their teacher: PSNR, accuracy, s/batch"),
@@ -58,7 +60,15 @@ def main(argv=None):
 
     if args.command == "quickstart":
         out = args.out or ("runs/quickstart-fast" if args.fast else "runs/quickstart")
-        run_or_exit(quickstart, out, fast=args.fast)
+        from core.config import ConfigError
+
+        from .quickstart import quickstart_config
+
+        try:
+            cfg = quickstart_config(args.fast, args.config, args.overrides)
+        except (ConfigError, FileNotFoundError) as e:
+            raise SystemExit(f"error: {e}") from None
+        run_or_exit(quickstart, out, fast=args.fast, cfg=cfg)
         print(f"report written to {out}/report.md")
     elif args.command == "accuracy":
         from .accuracy import purified_accuracy

@@ -39,3 +39,45 @@ def robust_vs_eps(curves: dict[str, list[tuple[float, float]]], path: str | Path
     plt.close(fig)
     return Path(path)
 
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (cost, accuracy) points no other point beats on both: cheaper-or-equal and at least as accurate."""
+    front, best = [], -1.0
+    for cost, acc in sorted(points, key=lambda p: (p[0], -p[1])):
+        if acc > best:
+            front.append((cost, acc))
+            best = acc
+    return front
+
+
+def robust_vs_latency(points: list[dict], path: str | Path, chance: float | None = 0.1) -> Path:
+    """Robust accuracy against milliseconds per image: a colour per classifier, a marker per defense, and each
+    classifier's Pareto front.
+
+    `points`: dicts with classifier, defense, ms (per image), accuracy (0-1)."""
+    from matplotlib.lines import Line2D
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    classifiers = list(dict.fromkeys(p["classifier"] for p in points))
+    defenses = list(dict.fromkeys(p["defense"] for p in points))
+    markers = dict(zip(defenses, "osv^DPX*<>ph"))
+    for i, clf in enumerate(classifiers):
+        pts = [p for p in points if p["classifier"] == clf]
+        for p in pts:
+            ax.scatter(p["ms"], 100 * p["accuracy"], color=f"C{i}", marker=markers.get(p["defense"], "o"), zorder=3)
+        front = pareto_front([(p["ms"], p["accuracy"]) for p in pts])
+        ax.step([c for c, _ in front], [100 * a for _, a in front], where="post", color=f"C{i}", lw=1, alpha=0.6)
+    if chance:
+        ax.axhline(100 * chance, color="grey", ls=":", lw=1)
+    ax.set_xscale("log"), ax.set_xlabel("ms per image (defense + classifier)")
+    ax.set_ylabel("robust accuracy (%), all attacks"), ax.set_ylim(-2, 100)
+    first = ax.legend(handles=[Line2D([], [], color=f"C{i}", lw=2, label=c) for i, c in enumerate(classifiers)],
+                      fontsize=7, title="classifier (line: Pareto front)", title_fontsize=7, loc="upper left")
+    ax.add_artist(first)
+    ax.legend(handles=[Line2D([], [], color="k", marker=m, ls="", label=d) for d, m in markers.items()],
+              fontsize=7, title="defense", title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -1,103 +1,428 @@
-"""The main job on the embedded digits: classifier, DiffPure teacher, purification, a report with plots."""
+"""The main job: both tracks on one dataset, every classifier behind every purifier under the harness, latency.
+
+Stages (each reused when its config and inputs are unchanged, resumed when interrupted):
+1. the standard classifier (squeeze, cross-entropy) and the DiffPure teacher;
+2. progressive and consistency students (1, 2 and 4 steps);
+3. SRe2L and GUARD distilled data (recover from the standard / the GUARD-squeezed classifier) and
+   classifiers trained on them;
+4. every classifier bare and behind the teacher and each student, under standard and adaptive attacks;
+5. latency of every defense; then report.{md,json} and the plots.
+"""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from core.checkpoint import load_classifier
-from core.config import replace
+from core.config import load_config, replace, save_config, to_dict
 from core.datasets import load_dataset, to_tensors
-from core.io import atomic_write_json, atomic_write_text, read_json
+from core.io import atomic_write_json, atomic_write_text, load_tensors, read_json
 from core.plots import image_grid
-from core.training import run_stage
+from core.training import run_stage, same_inputs_or_fail
+from distill.consistency import ConsistencyConfig, train_consistency
+from distill.progressive import ProgressiveConfig, rounds, train_progressive
 from distill.teacher import TeacherConfig, train_teacher
 from purify import load_purifier
-from robust_data.squeeze import SqueezeConfig, accuracy, train_squeeze
+from robust_data.pipeline import PipelineConfig, pipeline
+from robust_data.recover import RecoverConfig
+from robust_data.relabel import RelabelConfig
+from robust_data.squeeze import SqueezeConfig, train_squeeze
+from robust_data.train import TrainConfig
 
-from .accuracy import purify_batches
-from .attacks import build_attack
-from .plots import training_curves
-
-EPS = 0.1  # Linf budget on digits (16x16, [0, 1]): PGD at 0.1 breaks the undefended ConvNet
-FAST = {"squeeze": {"epochs": 5.0}, "teacher": {"train_steps": 300, "checkpoint_every": 100}}
+from .attacks import preset_eps
+from .latency import benchmark, time_module
+from .plots import pareto_front, robust_vs_eps, robust_vs_latency, training_curves
+from .robustness import EvalConfig, run_robustness
 
 
-def quickstart(out: str | Path = "runs/quickstart", fast: bool = False, n_eval: int | None = None,
-               pgd_steps: int = 40, budget: dict | None = None) -> dict:
-    """Train (or reuse) the digits classifier and teacher, purify the test set, write report.{md,json} + PNGs.
+@dataclass
+class HarnessBudget:
+    """How hard the quickstart attacks (reduced budgets; `python -m eval robustness` runs the full ones)."""
 
-    `budget` ({"squeeze": {...}, "teacher": {...}} config changes) replaces the --fast budget.
-    """
+    attacks: list[str] = field(default_factory=lambda: ["pgd", "pgd-eot", "bpda-eot"])  # behind a purifier
+    bare_attacks: list[str] = field(default_factory=lambda: ["pgd", "autoattack"])  # the bare classifiers
+    eps: float | None = None  # None: the dataset's preset (digits: Linf 0.1)
+    n: int = 64
+    evals: int = 2  # R independent evaluations of each purified classifier
+    eot: int = 2
+    steps: int = 10  # iterations of every gradient attack on a purified classifier (bare: the attack's default)
+    # the 100-step teacher: full gradients through it cost ~100 student steps, so BPDA only, fewer images
+    teacher: dict = field(default_factory=lambda: {"n": 32, "evals": 1, "eot": 1, "attacks": ["bpda-eot"],
+                                                   "steps": {"bpda-eot": 5}, "check_steps": False})
+    sweep_eps: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.5])
+    sweep_n: int = 32
+    sweep_defenses: list[str] = field(default_factory=lambda: ["undefended", "consistency-1"])
+    check_n: int = 32  # the doubled-steps rerun
+    batch_size: int = 64
+
+
+@dataclass
+class LatencyBudget:
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 64])
+    warmup: int = 1
+    repeats: int = 3
+
+
+def _teacher() -> TeacherConfig:
+    return TeacherConfig(train_steps=600, checkpoint_every=200)
+
+
+@dataclass
+class QuickstartConfig:
+    """Every stage's config; the defaults are the digits budget that fits 15 minutes on 2 CPU cores."""
+
+    dataset: str = "digits"
+    data_root: str | None = None
+    seed: int = 0
+    classifier: SqueezeConfig = field(default_factory=SqueezeConfig)
+    teacher: TeacherConfig = field(default_factory=_teacher)
+    progressive: ProgressiveConfig = field(default_factory=lambda: ProgressiveConfig(
+        start_steps=8, steps_per_round=150, checkpoint_every=150))
+    consistency: ConsistencyConfig = field(default_factory=lambda: ConsistencyConfig(
+        train_steps=400, checkpoint_every=200, student_steps=[1, 2, 4]))
+    robust_objective: str = "guard"  # the squeeze objective of the robust distilled data (SRe2L: ce)
+    recover: RecoverConfig = field(default_factory=lambda: RecoverConfig(
+        ipc=10, iterations=500, crop=False, jitter=2))
+    relabel: RelabelConfig = field(default_factory=lambda: RelabelConfig(epochs=300, min_crop=0.5, flip=False))
+    distilled_train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        epochs=300, temperature=20.0, min_crop=0.5, flip=False))
+    harness: HarnessBudget = field(default_factory=HarnessBudget)
+    latency: LatencyBudget = field(default_factory=LatencyBudget)
+
+
+# --fast: a smoke run of every stage in about 3 minutes; its numbers are not results
+FAST = {
+    "classifier": {"epochs": 5.0},
+    "teacher": {"train_steps": 150, "checkpoint_every": 50},
+    "progressive": {"steps_per_round": 40, "checkpoint_every": 40},
+    "consistency": {"train_steps": 100, "checkpoint_every": 50},
+    "recover": {"iterations": 100},
+    "relabel": {"epochs": 50},
+    "distilled_train": {"epochs": 50},
+    "harness": {"n": 32, "evals": 1, "eot": 1, "steps": 5, "bare_attacks": ["pgd"], "sweep_eps": [0.1, 0.5],
+                "sweep_n": 16, "check_n": 16,
+                "teacher": {"n": 16, "evals": 1, "eot": 1, "attacks": ["bpda-eot"], "steps": {"bpda-eot": 2},
+                            "check_steps": False}},
+    "latency": {"repeats": 1},
+}
+
+
+def quickstart_config(fast: bool = False, path: str | Path | None = None, overrides: list[str] | None = None,
+                      changes: dict | None = None) -> QuickstartConfig:
+    """The default (or --fast) budget, then a YAML file, `key=value` overrides and `changes` on top."""
+    base = replace(QuickstartConfig(), FAST) if fast else QuickstartConfig()
+    return replace(load_config(QuickstartConfig, path, overrides, base=base), changes or {})
+
+
+def stage_configs(cfg: QuickstartConfig) -> dict:
+    """Each training stage's config with the run's dataset and seed filled in."""
+    data = {"dataset": cfg.dataset, "data_root": cfg.data_root, "seed": cfg.seed}
+    return {"classifier": replace(cfg.classifier, {**data, "objective": "ce"}),
+            "teacher": replace(cfg.teacher, data), "progressive": replace(cfg.progressive, data),
+            "consistency": replace(cfg.consistency, data),
+            "robust_squeeze": replace(cfg.classifier, {**data, "objective": cfg.robust_objective}),
+            "distilled_train": replace(cfg.distilled_train, data)}
+
+
+def eval_config(cfg: QuickstartConfig, classifier: Path, purifiers: dict[str, Path]) -> EvalConfig:
+    """The harness run for one classifier: bare, then behind every purifier, at the quickstart's budget."""
+    h = cfg.harness
+    sweep = lambda label: list(h.sweep_eps) if label in h.sweep_defenses else []  # noqa: E731
+    defenses = [{"purifier": "none", "label": "undefended", "attacks": list(h.bare_attacks), "steps": {},
+                 "sweep_eps": sweep("undefended")}]
+    for label, folder in purifiers.items():
+        d = {"purifier": str(folder), "label": label, "sweep_eps": sweep(label)}
+        defenses.append({**d, **h.teacher} if label == "teacher" else d)
+    return EvalConfig(dataset=cfg.dataset, data_root=cfg.data_root, classifier=str(classifier), defenses=defenses,
+                      attacks=list(h.attacks), eps=h.eps, n=h.n, evals=h.evals, eot=h.eot,
+                      steps={a: h.steps for a in h.attacks if a not in ("square", "fgsm")}, sweep_eps=[],
+                      sweep_n=h.sweep_n, check_n=h.check_n, batch_size=h.batch_size, seed=cfg.seed)
+
+
+def measure_latency(cfg: QuickstartConfig, purifiers: dict[str, Path], classifiers: dict[str, Path],
+                    folder: Path) -> dict:
+    """Every purifier and every classifier alone at each batch size; reused when nothing changed."""
+    lat = cfg.latency
+    settings = {**to_dict(lat), "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
+    same_inputs_or_fail(folder, {**purifiers, **{f"{k} classifier": v for k, v in classifiers.items()}})
+    done = folder / "latency.json"
+    if done.is_file() and read_json(done)["settings"] == settings:
+        print(f"[{folder.name}] unchanged: reusing {done}")
+        return read_json(done)
+    loaded = {k: load_purifier(v) for k, v in purifiers.items()}
+    shape = (loaded["teacher"].channels, *loaded["teacher"].image_size)
+    rows = benchmark(loaded, None, lat.batch_sizes, lat.warmup, lat.repeats)
+    device = torch.device(rows[0]["device"])
+    for name, d in classifiers.items():
+        clf = load_classifier(d, device)
+        for b in lat.batch_sizes:
+            x = torch.rand(b, *shape, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+            r = time_module(clf, x, lat.warmup, lat.repeats)
+            rows.append({"variant": "plain", "device": str(device), "purifier": "none", "classifier": name,
+                         "with_classifier": True, "batch_size": b, "nfe": 0, **r, "images_per_s": b / r["median_s"],
+                         "ms_per_image": 1000 * r["median_s"] / b})
+    result = {"settings": settings, "rows": rows}
+    atomic_write_json(done, result)
+    return result
+
+
+def ms_per_image(latency: dict, defense: str, classifier: str, batch: int) -> float:
+    """Defense + classifier: the purifier's time alone plus the classifier's alone, per image."""
+    rows = latency["rows"]
+    clf = next(r for r in rows if r["purifier"] == "none" and r["classifier"] == classifier and r["batch_size"] == batch)
+    pur = 0.0 if defense == "undefended" else next(
+        r for r in rows if r["purifier"] == defense and r["batch_size"] == batch)["ms_per_image"]
+    return pur + clf["ms_per_image"]
+
+
+def quickstart(out: str | Path = "runs/quickstart", fast: bool = False, cfg: QuickstartConfig | None = None) -> dict:
+    """Run (reuse, resume) the five stages into OUT and write OUT/report.{md,json} and the plots."""
+    cfg = cfg or quickstart_config(fast)
     out = Path(out)
-    t_start = time.perf_counter()
-    budget = budget if budget is not None else (FAST if fast else {})
-    squeeze_cfg = replace(SqueezeConfig(), budget.get("squeeze", {}))
-    teacher_cfg = replace(TeacherConfig(), budget.get("teacher", {}))
-    if fast:
-        n_eval = n_eval or 128
-    print("stage 1/3: the standard classifier (squeeze, cross-entropy)")
-    clf_dir = run_stage(out / "classifier", squeeze_cfg, train_squeeze, "classifier")
-    print("stage 2/3: the DiffPure teacher (DDPM score network)")
-    pur_dir = run_stage(out / "teacher", teacher_cfg, train_teacher, "purifier")
+    stages = stage_configs(cfg)
+    plan = rounds(stages["progressive"])  # bad budgets fail here, before any training
+    if cfg.recover.ipc < 1:
+        raise ValueError(f"recover.ipc must be a positive integer, got {cfg.recover.ipc}")
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    clock, t_start = {}, time.perf_counter()
 
-    print("stage 3/3: purification and accuracies on the test set")
-    clf, teacher = load_classifier(clf_dir), load_purifier(pur_dir)
-    test, _ = load_dataset("digits", "test")
-    x, y = to_tensors(test, n_eval)
-    t0 = time.perf_counter()
-    x_pure, _ = purify_batches(teacher, x, seed=0, desc="teacher (clean)")
-    purify_s = time.perf_counter() - t0
-    torch.manual_seed(0)  # torchattacks' random start
-    pgd = build_attack("pgd", clf, "Linf", EPS, n_classes=10, steps=pgd_steps)
-    x_adv = torch.cat([pgd(x[i:i + 64], y[i:i + 64]) for i in range(0, len(x), 64)])
-    x_adv_pure, _ = purify_batches(teacher, x_adv, desc="teacher (adversarial)")
-    results = {
-        "clean_accuracy": accuracy(clf, x, y),
-        "purified_clean_accuracy": accuracy(clf, x_pure, y),
-        "pgd_accuracy_undefended": accuracy(clf, x_adv, y),
-        "pgd_transfer_accuracy_purified": accuracy(clf, x_adv_pure, y),
-    }
-    report = {
-        "dataset": "digits", "examples": len(y), "fast": fast, "results": results,
-        "attack": {"name": "pgd", "norm": "Linf", "eps": EPS, "steps": pgd_steps, "random_start": True,
-                   "crafted_on": "the undefended classifier (non-adaptive for the purified row)"},
-        "teacher": {k: teacher.config()[k] for k in ("t_star", "steps", "mode", "nfe")},
-        "teacher_seconds_per_image": purify_s / len(y),
-        "classifier_train": read_json(out / "classifier" / "train.json"),
-        "teacher_train": read_json(out / "teacher" / "train.json"),
-        "seconds": time.perf_counter() - t_start,
-    }
-    image_grid({"clean": x[:12], "purified": x_pure[:12], f"PGD {EPS}": x_adv[:12], "adv. purified": x_adv_pure[:12]},
-               out / "purification_grid.png", labels=[str(int(v)) for v in y[:12]])
-    training_curves({"classifier (squeeze)": out / "classifier" / "log.jsonl",
-                     "teacher (DDPM loss)": out / "teacher" / "log.jsonl"}, out / "training_curves.png")
-    atomic_write_json(out / "report.json", report)
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        result = fn()
+        clock[name] = round(time.perf_counter() - t0, 1)
+        return result
+
+    print("stage 1/5: the standard classifier and the DiffPure teacher")
+    clf = timed("classifier", lambda: run_stage(out / "classifier", stages["classifier"], train_squeeze, "classifier"))
+    teacher = timed("teacher", lambda: run_stage(out / "teacher", stages["teacher"], train_teacher, "purifier"))
+
+    print("stage 2/5: progressive and consistency students")
+    timed("progressive", lambda: run_stage(out / "progressive", stages["progressive"],
+                                           lambda c, o, resume: train_progressive(c, teacher, o, resume), "students",
+                                           inputs={"teacher": teacher}))
+    timed("consistency", lambda: run_stage(out / "consistency", stages["consistency"],
+                                           lambda c, o, resume: train_consistency(c, teacher, o, resume), "students",
+                                           inputs={"teacher": teacher}))
+    purifiers = {"teacher": teacher}
+    purifiers.update({f"progressive-{k}": out / "progressive" / "students" / f"steps-{k}" for k in sorted(plan)})
+    purifiers.update({f"consistency-{k}": out / "consistency" / "students" / f"steps-{k}"
+                      for k in sorted(cfg.consistency.student_steps)})
+
+    print(f"stage 3/5: SRe2L and {cfg.robust_objective} distilled data ({cfg.recover.ipc} images per class)")
+    shared = {"dataset": cfg.dataset, "data_root": cfg.data_root, "recover": to_dict(cfg.recover),
+              "relabel": to_dict(cfg.relabel), "train": to_dict(stages["distilled_train"])}
+    sre2l = timed("sre2l", lambda: pipeline(replace(PipelineConfig(), {
+        **shared, "squeezed": str(clf), "squeeze": to_dict(stages["classifier"])}), out / "sre2l"))
+    robust = timed(cfg.robust_objective, lambda: pipeline(replace(PipelineConfig(), {
+        **shared, "squeeze": to_dict(stages["robust_squeeze"])}), out / cfg.robust_objective))
+    classifiers = {"standard": clf, "sre2l": Path(sre2l["classifier"]),
+                   f"{cfg.robust_objective}": Path(robust["classifier"])}
+
+    print("stage 4/5: every classifier bare and behind every purifier, standard and adaptive attacks")
+    evals = {}
+    for name, folder in classifiers.items():
+        print(f"[eval] classifier: {name}")
+        where = out / "eval" / name
+        same_inputs_or_fail(where, {"classifier": folder, **purifiers})
+        evals[name] = timed(f"eval {name}", lambda: run_robustness(eval_config(cfg, folder, purifiers), where))
+
+    print("stage 5/5: latency of every defense")
+    latency = timed("latency", lambda: measure_latency(cfg, purifiers, classifiers, out / "latency"))
+
+    report = build_report(cfg, out, fast, classifiers, purifiers, evals, latency, {"sre2l": sre2l, "robust": robust})
+    report["seconds"] = {"total": round(time.perf_counter() - t_start, 1), **clock}
+    figures(cfg, out, report, evals, purifiers)
+    atomic_write_json(out / "report.json", report, sort_keys=False)
     atomic_write_text(out / "report.md", render(report))
     print(render(report))
     return report
 
 
+def build_report(cfg: QuickstartConfig, out: Path, fast: bool, classifiers: dict, purifiers: dict, evals: dict,
+                 latency: dict, pipelines: dict) -> dict:
+    """One JSON document: what each stage made, every (classifier, defense) row, latency, the Pareto fronts."""
+    batch = max(cfg.latency.batch_sizes)
+    rows = []
+    for clf, rep in evals.items():
+        for label, r in rep["defenses"].items():
+            rows.append({"classifier": clf, "defense": label, "nfe": r["nfe"], "evals": r["evals"],
+                         "examples": r["examples"], "clean": _avg_worst(r["clean"]),
+                         "attacks": {a: _avg_worst(s) for a, s in r["attacks"].items()},
+                         "all_attacks": r["worst_over_attacks"], "budgets": r["budgets"], "skipped": r["skipped"],
+                         "raised": r["raised"], "sweep": r["sweep"],
+                         "ms_per_image": ms_per_image(latency, label, clf, batch)})
+    fronts = {}
+    for clf in classifiers:
+        mine = [r for r in rows if r["classifier"] == clf]
+        front = pareto_front([(r["ms_per_image"], r["all_attacks"]) for r in mine])
+        fronts[clf] = [r["defense"] for r in mine if (r["ms_per_image"], r["all_attacks"]) in front]
+    train = lambda stage: read_json(out / stage / "train.json")  # noqa: E731
+    teacher_lat = {r["batch_size"]: r["median_s"] for r in latency["rows"] if r["purifier"] == "teacher"}
+    stages = {
+        "classifier": {"folder": str(classifiers["standard"]), "test_accuracy": train("classifier")["test_accuracy"],
+                       "seconds": train("classifier")["train_seconds"]},
+        "teacher": {"folder": str(purifiers["teacher"]), "seconds": train("teacher")["seconds"],
+                    "unet_parameters": train("teacher")["unet_parameters"],
+                    **{k: read_json(purifiers["teacher"] / "purifier.json").get(k) for k in ("t_star", "steps", "mode")}},
+        "progressive": {"students": [str(p) for k, p in purifiers.items() if k.startswith("progressive")],
+                        "seconds": train("progressive")["seconds"]},
+        "consistency": {"students": [str(p) for k, p in purifiers.items() if k.startswith("consistency")],
+                        "seconds": train("consistency")["seconds"]},
+        **{name: {k: p[k] for k in ("objective", "ipc", "squeezed_classifier", "distilled", "classifier",
+                                    "squeeze_test_accuracy", "test_accuracy")}
+           for name, p in (("sre2l", pipelines["sre2l"]), (cfg.robust_objective, pipelines["robust"]))},
+    }
+    return {
+        "dataset": cfg.dataset, "fast": fast, "out": str(out),
+        "threat": {"norm": "Linf", "eps": cfg.harness.eps if cfg.harness.eps is not None
+                   else preset_eps(cfg.dataset, "Linf")},
+        "machine": _machine(latency), "stages": stages, "rows": rows, "pareto": fronts,
+        "latency": {"batch_size_for_ms": batch, "rows": [
+            {**{k: r[k] for k in ("purifier", "batch_size", "nfe", "median_s", "p90_s", "ms_per_image", "images_per_s")},
+             "classifier": r.get("classifier"),
+             "speedup_vs_teacher": (teacher_lat[r["batch_size"]] / r["median_s"]) if r["purifier"] != "none" else None}
+            for r in latency["rows"]]},
+        "figures": ["robust_vs_latency.png", "robust_vs_eps.png", "purification_grid.png", "training_curves.png"],
+        "config": to_dict(cfg),
+    }
+
+
+def _avg_worst(s: dict) -> dict:
+    return {"average": s["average"], "worst": s["worst"]}
+
+
+def _machine(latency: dict) -> str:
+    device = latency["rows"][0]["device"]
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    return f"CPU, {latency['settings']['threads']} threads"
+
+
+def figures(cfg: QuickstartConfig, out: Path, report: dict, evals: dict, purifiers: dict) -> None:
+    """robust_vs_latency.png, robust_vs_eps.png, purification_grid.png, training_curves.png."""
+    rows = report["rows"]
+    robust_vs_latency([{"classifier": r["classifier"], "defense": r["defense"], "ms": r["ms_per_image"],
+                        "accuracy": r["all_attacks"]} for r in rows], out / "robust_vs_latency.png",
+                      chance=next(iter(evals.values()))["defenses"]["undefended"]["chance"])
+    curves = {f"{r['classifier']} / {r['defense']}": [(s["eps"], s["accuracy"]) for s in r["sweep"]]
+              for r in rows if r["sweep"]}
+    robust_vs_eps(curves, out / "robust_vs_eps.png")
+    _grid(cfg, out, purifiers)
+    logs = {"classifier (squeeze)": out / "classifier" / "log.jsonl", "teacher (DDPM)": out / "teacher" / "log.jsonl",
+            "progressive": out / "progressive" / "log.jsonl", "consistency": out / "consistency" / "log.jsonl",
+            f"{cfg.robust_objective} squeeze": out / cfg.robust_objective / "squeeze" / "log.jsonl",
+            f"student on {cfg.robust_objective} data": out / cfg.robust_objective / "train" / "log.jsonl"}
+    training_curves(logs, out / "training_curves.png")
+
+
+def _grid(cfg: QuickstartConfig, out: Path, purifiers: dict) -> None:
+    """Clean test images, their adversarial versions (the standard classifier's first purified defense with saved
+    samples), and what each purifier makes of the adversarial ones."""
+    h = cfg.harness
+    test, _ = load_dataset(cfg.dataset, "test", root=cfg.data_root)
+    x, y = to_tensors(test, h.n, seed=cfg.seed)
+    for label in sorted(purifiers, key=lambda k: k != "consistency-1"):
+        for a in ("pgd-eot", "bpda-eot", "pgd"):
+            f = out / "eval" / "standard" / label / "samples" / f"{a}_0.safetensors"
+            if f.is_file():
+                adv = load_tensors(f)["adversarial"][:10]
+                rows = {"clean": x[:len(adv)], f"{a} vs {label}": adv}
+                with torch.no_grad():
+                    for name, d in purifiers.items():
+                        rows[name] = load_purifier(d).manual_seed(cfg.seed)(adv)
+                image_grid(rows, out / "purification_grid.png", labels=[str(int(v)) for v in y[:len(adv)]])
+                return
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
 def render(r: dict) -> str:
-    res, a, t = r["results"], r["attack"], r["teacher"]
-    pct = lambda v: f"{100 * v:.1f}%"  # noqa: E731
-    return "\n".join([
-        f"# Quickstart report (digits{', --fast' if r['fast'] else ''})", "",
-        f"{r['examples']} test images; teacher: DiffPure t_star={t['t_star']}, {t['steps']} {t['mode']} steps "
-        f"(nfe {t['nfe']}), {1000 * r['teacher_seconds_per_image']:.1f} ms/image on this machine.", "",
-        "| defense | clean | PGD Linf %.3g (%d steps) |" % (a["eps"], a["steps"]),
-        "| --- | --- | --- |",
-        f"| none | {pct(res['clean_accuracy'])} | {pct(res['pgd_accuracy_undefended'])} |",
-        f"| DiffPure teacher | {pct(res['purified_clean_accuracy'])} | "
-        f"{pct(res['pgd_transfer_accuracy_purified'])} (non-adaptive) |", "",
-        "The purified PGD number is a *non-adaptive* one: the attack was crafted on the bare classifier "
-        "and never saw the purifier, so it overstates robustness. Adaptive attacks (full gradients "
-        "through the purifier, BPDA, EOT) are the attack harness's: "
-        "`python -m eval robustness --config configs/digits/eval.yaml --out runs/eval`.", "",
-        f"Classifier: test accuracy {pct(r['classifier_train']['test_accuracy'])}, "
-        f"trained in {r['classifier_train']['train_seconds']:.0f} s. "
-        f"Teacher: {r['teacher_train']['unet_parameters'] / 1e6:.2f}M-parameter UNet, "
-        f"{r['teacher_train']['images_per_s']:.0f} images/s in training.",
-        f"Total: {r['seconds']:.0f} s. Figures: purification_grid.png, training_curves.png.", ""])
+    """The report a person reads."""
+    rows, st, h = r["rows"], r["stages"], r["config"]["harness"]
+    present = {a for row in rows for a in row["attacks"]}
+    attacks = [a for a in dict.fromkeys(h["bare_attacks"] + h["attacks"] + sorted(present)) if a in present]
+    t = r["threat"]
+    head = ["classifier", "defense", "NFE", "ms / image", "clean"] + attacks + ["all attacks", "flags"]
+    lines = [f"# Quickstart report ({r['dataset']}{', --fast: a smoke run, not results' if r['fast'] else ''})", "",
+             f"{t['norm']} epsilon {t['eps']:.4g}. Accuracy in %, average / worst case over R evaluations with fresh "
+             "attack and purifier randomness (worst: robust only if the example survives all R); `all attacks`: "
+             "survives every attack in every evaluation. ms / image: the defense plus the classifier at batch "
+             f"{r['latency']['batch_size_for_ms']} on {r['machine']}.", "",
+             "## Every classifier behind every defense", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["classifier"], row["defense"], str(row["nfe"]), f"{row['ms_per_image']:.2f}",
+                 _aw(row["clean"], row["evals"])]
+        cells += [_aw(row["attacks"][a], row["evals"]) if a in row["attacks"] else "n/a" for a in attacks]
+        cells += [_pct(row["all_attacks"]), ", ".join(row["raised"]) or "none"]
+        lines.append("| " + " | ".join(cells) + " |")
+    budgets = {}
+    for row in rows:
+        budgets.setdefault(json_key(row), []).append(f"{row['classifier']}/{row['defense']}")
+    lines += ["", "Budgets (reduced, to fit the quickstart; `python -m eval robustness --config "
+              "configs/digits/eval.yaml` runs the full ones):", ""]
+    for key, who in budgets.items():
+        defenses = sorted({w.split("/", 1)[1] for w in who})
+        lines.append(f"- {', '.join(defenses)}: {key}")
+    lines += ["", "`pgd` on a purified classifier follows the full gradient of one purification per step; `pgd-eot` "
+              "averages it over EOT purifications; `bpda-eot` replaces the purifier's backward pass by the identity "
+              "(the only gradient attack the 100-step teacher gets here: full gradients through it cost a hundred "
+              "student steps, so its row is an upper bound and not comparable to the students').", "",
+              "## Robustness against latency", "", "![robust accuracy against ms per image](robust_vs_latency.png)", "",
+              "The Pareto front (no other defense is both faster and more robust, `all attacks`):", ""]
+    lines += [f"- {clf}: " + " -> ".join(front) for clf, front in r["pareto"].items()]
+    sweeps = [row for row in rows if row["sweep"]]
+    if sweeps:
+        lines += ["", "## Robust accuracy against epsilon", "", "![robust accuracy against epsilon](robust_vs_eps.png)",
+                  ""]
+        lines += [f"- {row['classifier']} / {row['defense']}: " +
+                  ", ".join(f"{p['eps']:g}: {_pct(p['accuracy'])}" for p in row["sweep"]) for row in sweeps]
+    lines += ["", "## Clean, adversarial, purified", "", "![clean / adversarial / purified](purification_grid.png)", "",
+              "## Latency", "", "| purifier / classifier | NFE | batch | median s | ms / image | images / s | "
+              "speed-up vs teacher |", "|---|---|---|---|---|---|---|"]
+    for x in r["latency"]["rows"]:
+        who = x["purifier"] if x["purifier"] != "none" else f"{x['classifier']} classifier alone"
+        sp = "-" if x["speedup_vs_teacher"] is None else f"{x['speedup_vs_teacher']:.1f}x"
+        lines.append(f"| {who} | {x['nfe']} | {x['batch_size']} | {x['median_s']:.4f} | {x['ms_per_image']:.2f} | "
+                     f"{x['images_per_s']:.1f} | {sp} |")
+    robust = r["config"]["robust_objective"]
+    lines += ["", "## What each stage made", "", "| stage | result | training s | folder |", "|---|---|---|---|",
+              f"| standard classifier | test accuracy {_pct(st['classifier']['test_accuracy'])}% | "
+              f"{st['classifier']['seconds']:.0f} | `{st['classifier']['folder']}` |",
+              f"| DiffPure teacher | {st['teacher']['unet_parameters'] / 1e6:.2f}M-parameter UNet, t_star "
+              f"{st['teacher']['t_star']}, {st['teacher']['steps']} {st['teacher']['mode']} steps | "
+              f"{st['teacher']['seconds']:.0f} | `{st['teacher']['folder']}` |",
+              f"| progressive students | {len(st['progressive']['students'])} students | "
+              f"{st['progressive']['seconds']:.0f} | `{Path(st['progressive']['students'][0]).parent}` |",
+              f"| consistency students | {len(st['consistency']['students'])} students | "
+              f"{st['consistency']['seconds']:.0f} | `{Path(st['consistency']['students'][0]).parent}` |"]
+    for name in ("sre2l", robust):
+        p = st[name]
+        lines.append(f"| {name} data ({p['ipc']} per class, squeeze {p['objective']}) | squeezed model "
+                     f"{_pct(p['squeeze_test_accuracy'])}%, student trained on the data {_pct(p['test_accuracy'])}% | "
+                     f"- | `{p['distilled']}` |")
+    raised = [f"{row['classifier']}/{row['defense']}: {', '.join(row['raised'])}" for row in rows if row["raised"]]
+    lines += ["", "## Gradient-masking checks", "",
+              ("Raised: " + "; ".join(raised) + ". See `eval/<classifier>/report.md` for each flag's numbers and "
+               "meaning." if raised else "No flag raised on any row (`eval/<classifier>/report.md` lists every "
+               "check with its numbers)."),
+              "", "Seconds this run (a reused stage takes about 0): " +
+              ", ".join(f"{k} {v:.0f}" for k, v in r.get("seconds", {}).items()) + ".", "",
+              f"Per-classifier harness reports: `eval/<classifier>/report.md`; per-example records: "
+              f"`eval/<classifier>/<defense>/examples.jsonl`; n = {h['n']} test images per purified row.", ""]
+    return "\n".join(lines)
+
+
+def _aw(s: dict, evals: int) -> str:
+    return _pct(s["average"]) if evals == 1 else f"{_pct(s['average'])} / {_pct(s['worst'])}"
+
+
+def json_key(row: dict) -> str:
+    return "; ".join(f"{a}: {b}" for a, b in row["budgets"].items()) + f"; n {row['examples']}, R {row['evals']}"

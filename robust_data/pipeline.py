@@ -22,6 +22,7 @@ class PipelineConfig:
 
     dataset: str = "digits"
     data_root: str | None = None
+    squeezed: str | None = None  # a classifier folder to recover from instead of squeezing (stage 1 skipped)
     squeeze: SqueezeConfig = field(default_factory=SqueezeConfig)
     recover: RecoverConfig = field(default_factory=RecoverConfig)
     relabel: RelabelConfig = field(default_factory=RelabelConfig)
@@ -31,7 +32,7 @@ class PipelineConfig:
 def stage_configs(cfg: PipelineConfig, out: Path) -> dict:
     """Each stage's config with the dataset and the previous stages' folders filled in."""
     data = {"dataset": cfg.dataset, "data_root": cfg.data_root}
-    clf = str(out / "squeeze" / "classifier")
+    clf = cfg.squeezed or str(out / "squeeze" / "classifier")
     distilled = str(out / "recover" / "distilled")
     online = cfg.train.soft_labels == "online"
     return {
@@ -52,20 +53,29 @@ def pipeline(cfg: PipelineConfig, out: str | Path) -> dict:
     get_objective(cfg.squeeze.objective)  # an unknown name fails here, before any stage runs
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    print(f"stage 1/4: squeeze ({cfg.squeeze.objective})")
-    clf = run_stage(out / "squeeze", stages["squeeze"], train_squeeze, "classifier")
+    if cfg.squeezed:
+        if not (Path(cfg.squeezed) / "config.json").is_file():
+            raise FileNotFoundError(f"squeezed: {cfg.squeezed} is not a classifier folder")
+        print(f"stage 1/4: squeeze skipped, recovering from {cfg.squeezed}")
+        clf = Path(cfg.squeezed)
+    else:
+        print(f"stage 1/4: squeeze ({cfg.squeeze.objective})")
+        clf = run_stage(out / "squeeze", stages["squeeze"], train_squeeze, "classifier")
     print(f"stage 2/4: recover ({stages['recover'].ipc} images per class)")
     distilled = run_stage(out / "recover", stages["recover"], lambda c, o, resume: recover(c, o), "distilled",
-                          done="recover.json")
+                          done="recover.json", inputs={"squeezed classifier": clf})
     if stages["train"].soft_labels != "online":
         print("stage 3/4: relabel (FKD soft labels)")
         run_stage(out / "relabel", stages["relabel"], lambda c, o, resume: relabel(c, o),
-                  "soft_labels.safetensors", done="soft_labels.json")
+                  "soft_labels.safetensors", done="soft_labels.json",
+                  inputs={"squeezed classifier": clf, "distilled data": distilled})
     print("stage 4/4: train a classifier on the distilled data")
-    student = run_stage(out / "train", stages["train"], train_distilled, "classifier")
+    student = run_stage(out / "train", stages["train"], train_distilled, "classifier",
+                        inputs={"squeezed classifier": clf, "distilled data": distilled})
+    meta = clf / "meta.json"
     result = {"objective": cfg.squeeze.objective, "ipc": stages["recover"].ipc, "dataset": cfg.dataset,
               "squeezed_classifier": str(clf), "distilled": str(distilled), "classifier": str(student),
-              "squeeze_test_accuracy": read_json(out / "squeeze" / "train.json")["test_accuracy"],
+              "squeeze_test_accuracy": read_json(meta).get("test_accuracy") if meta.is_file() else None,
               "test_accuracy": read_json(out / "train" / "train.json")["test_accuracy"],
               "config": to_dict(cfg)}
     atomic_write_json(out / "pipeline.json", result)

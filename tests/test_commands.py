@@ -93,20 +93,3 @@ def test_teacher_under_accelerate_launch_with_two_processes(tmp_path):
     train = json.loads((tmp_path / "ddp" / "train.json").read_text())
     assert train["processes"] == 2
     assert load_purifier(tmp_path / "ddp" / "purifier").nfe == 5
-
-
-def test_quickstart_tiny_budget_writes_the_report_and_reuses_stages(tmp_path, capsys):
-    from eval.quickstart import quickstart
-
-    budget = {"squeeze": {"epochs": 0.5, "width": 8},
-              "teacher": {"train_steps": 2, "batch_size": 16, "purify_steps": 4,
-                          "unet": {"block_out_channels": [8, 16], "attention": [False, True], "norm_num_groups": 4}}}
-    report = quickstart(tmp_path / "q", n_eval=16, pgd_steps=2, budget=budget)
-    for name in ("report.md", "report.json", "purification_grid.png", "training_curves.png"):
-        assert (tmp_path / "q" / name).is_file(), name
-    assert set(report["results"]) == {"clean_accuracy", "purified_clean_accuracy", "pgd_accuracy_undefended",
-                                      "pgd_transfer_accuracy_purified"}
-    assert report["examples"] == 16 and report["teacher"]["nfe"] == 4
-    capsys.readouterr()
-    quickstart(tmp_path / "q", n_eval=16, pgd_steps=2, budget=budget)
-    assert capsys.readouterr().out.count("unchanged: reusing") == 2

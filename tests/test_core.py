@@ -117,3 +117,28 @@ def test_step_batches_resume_exactly_and_shard_by_rank():
 
 def test_dataset_info_presets():
     assert dataset_info("imagenet").image_size == 224 and dataset_info("tiny-imagenet").num_classes == 200
+
+
+def test_a_stage_built_from_other_inputs_is_neither_reused_nor_continued(tmp_path):
+    from core.config import save_config
+    from core.training import LoopConfig, run_stage
+
+    upstream = tmp_path / "teacher"
+    upstream.mkdir()
+    (upstream / "model.safetensors").write_bytes(b"weights v1")
+    calls = []
+
+    def train(cfg, out, resume):
+        calls.append(resume)
+        (out / "product").mkdir(parents=True)
+        save_config(cfg, out / "config.yaml")
+        (out / "train.json").write_text("{}")
+        return out / "product"
+
+    cfg = LoopConfig()
+    for _ in range(2):
+        run_stage(tmp_path / "student", cfg, train, "product", inputs={"teacher": upstream})
+    assert calls == [False]  # the second call reused the finished stage
+    (upstream / "model.safetensors").write_bytes(b"weights v2")
+    with pytest.raises(FileExistsError, match="built from another teacher"):
+        run_stage(tmp_path / "student", cfg, train, "product", inputs={"teacher": upstream})

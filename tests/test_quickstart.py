@@ -1,0 +1,92 @@
+"""The main job end to end on a tiny budget: every stage makes what the next one uses, the report, reuse."""
+
+import json
+
+import pytest
+
+from core.io import read_json
+
+TINY = {
+    "classifier": {"epochs": 0.5, "width": 8},
+    "teacher": {"train_steps": 2, "batch_size": 16, "purify_steps": 4,
+                "unet": {"block_out_channels": [8, 16], "attention": [False, True], "norm_num_groups": 4}},
+    "progressive": {"steps_per_round": 1, "batch_size": 8},
+    "consistency": {"train_steps": 2, "batch_size": 8},
+    "recover": {"ipc": 2, "iterations": 2, "batch_size": 20},
+    "relabel": {"epochs": 2},
+    "distilled_train": {"epochs": 2, "width": 8},
+    "harness": {"n": 8, "evals": 2, "steps": 1, "sweep_n": 8, "check_n": 8, "batch_size": 8,
+                "teacher": {"n": 8, "steps": {"bpda-eot": 1}}},
+    "latency": {"batch_sizes": [1, 4], "warmup": 0, "repeats": 1},
+}
+DEFENSES = ["undefended", "teacher", "progressive-1", "progressive-2", "progressive-4", "consistency-1",
+            "consistency-2", "consistency-4"]
+
+
+@pytest.mark.slow
+def test_fast_quickstart_runs_every_stage_and_reuses_them(tmp_path, capsys):
+    from eval.quickstart import quickstart, quickstart_config
+
+    out = tmp_path / "q"
+    cfg = quickstart_config(fast=True, changes=TINY)
+    report = quickstart(out, fast=True, cfg=cfg)
+    for name in ("report.md", "report.json", "robust_vs_latency.png", "robust_vs_eps.png", "purification_grid.png",
+                 "training_curves.png"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "report.json").read_text())["rows"] == report["rows"]
+
+    # every classifier behind every defense, with the attacks the budget names
+    rows = {(r["classifier"], r["defense"]): r for r in report["rows"]}
+    assert sorted(rows) == sorted((c, d) for c in ("standard", "sre2l", "guard") for d in DEFENSES)
+    for (clf, d), r in rows.items():
+        expected = {"undefended": {"pgd"}, "teacher": {"bpda-eot"}}.get(d, {"pgd", "pgd-eot", "bpda-eot"})
+        assert set(r["attacks"]) == expected, (clf, d)
+        assert r["ms_per_image"] > 0 and 0 <= r["all_attacks"] <= r["clean"]["average"]
+        assert r["evals"] == (2 if d not in ("undefended", "teacher") else 1)
+    assert {r["nfe"] for (c, d), r in rows.items() if d.endswith("-4")} == {4}
+    assert rows["standard", "consistency-1"]["sweep"] and not rows["standard", "progressive-1"]["sweep"]
+
+    # each stage used what the one before made
+    teacher = out / "teacher" / "purifier"
+    for kind, steps in (("progressive", (4, 2, 1)), ("consistency", (1, 2, 4))):
+        for k in steps:
+            meta = read_json(out / kind / "students" / f"steps-{k}" / "purifier.json")
+            assert meta["nfe"] == k and meta["source"]["teacher"] == str(teacher)
+    sre2l, guard = read_json(out / "sre2l" / "pipeline.json"), read_json(out / "guard" / "pipeline.json")
+    assert sre2l["squeezed_classifier"] == str(out / "classifier" / "classifier")  # SRe2L recovers from it
+    assert not (out / "sre2l" / "squeeze").exists()
+    assert guard["squeezed_classifier"] == str(out / "guard" / "squeeze" / "classifier")
+    assert read_json(out / "guard" / "squeeze" / "train.json")["objective"] == "guard"
+    for name, clf in (("standard", out / "classifier" / "classifier"), ("sre2l", sre2l["classifier"]),
+                      ("guard", guard["classifier"])):
+        import yaml
+
+        ecfg = yaml.safe_load((out / "eval" / name / "config.yaml").read_text())
+        assert ecfg["classifier"] == str(clf)
+        purifiers = [d["purifier"] for d in ecfg["defenses"]]
+        assert purifiers[1] == str(teacher) and purifiers[0] == "none" and len(purifiers) == 8
+    assert report["pareto"]["standard"] and set(report["pareto"]["standard"]) <= set(DEFENSES)
+    text = (out / "report.md").read_text()
+    assert "| guard | consistency-4 |" in text and "Pareto front" in text
+
+    # a rerun reuses every stage and every attacked batch
+    lines = {p: p.read_text() for p in (out / "eval").rglob("examples.jsonl")}
+    capsys.readouterr()
+    again = quickstart(out, fast=True, cfg=cfg)
+    printed = capsys.readouterr().out
+    assert printed.count("unchanged: reusing") == 12  # 4 training stages, 3 + 4 pipeline stages, latency
+    assert {p: p.read_text() for p in lines} == lines
+    assert again["rows"] == report["rows"]
+
+
+def test_quickstart_refuses_bad_budgets_before_work(tmp_path):
+    from core.config import ConfigError
+    from eval.quickstart import quickstart, quickstart_config
+
+    with pytest.raises(ConfigError, match="harness.nn"):
+        quickstart_config(overrides=["harness.nn=3"])
+    with pytest.raises(ValueError, match="power of 2"):
+        quickstart(tmp_path / "q", cfg=quickstart_config(changes={"progressive": {"start_steps": 6}}))
+    with pytest.raises(ValueError, match="ipc"):
+        quickstart(tmp_path / "q", cfg=quickstart_config(changes={"recover": {"ipc": 0}}))
+    assert not (tmp_path / "q").exists()
