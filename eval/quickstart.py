@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 
 from core.checkpoint import load_classifier
 from core.config import load_config, replace, save_config, to_dict
@@ -78,12 +79,18 @@ class QuickstartConfig:
     dataset: str = "digits"
     data_root: str | None = None
     seed: int = 0
+    # start from trained models instead of training them: a classifier folder (e.g. a WideResNet-28-10), and a
+    # purifier folder, a diffusers UNet folder or a hub id such as google/ddpm-cifar10-32 (teacher.t_star,
+    # purify_steps and mode then set the DiffPure purification)
+    classifier_from: str | None = None
+    teacher_from: str | None = None
+    student_steps: list[int] = field(default_factory=lambda: [1, 2, 4])  # the students evaluated (both methods)
     classifier: SqueezeConfig = field(default_factory=SqueezeConfig)
     teacher: TeacherConfig = field(default_factory=_teacher)
     progressive: ProgressiveConfig = field(default_factory=lambda: ProgressiveConfig(
         start_steps=8, steps_per_round=150, checkpoint_every=150))
     consistency: ConsistencyConfig = field(default_factory=lambda: ConsistencyConfig(
-        train_steps=400, checkpoint_every=200, student_steps=[1, 2, 4]))
+        train_steps=400, checkpoint_every=200))
     robust_objective: str = "guard"  # the squeeze objective of the robust distilled data (SRe2L: ce)
     recover: RecoverConfig = field(default_factory=lambda: RecoverConfig(
         ipc=10, iterations=500, crop=False, jitter=2))
@@ -123,7 +130,7 @@ def stage_configs(cfg: QuickstartConfig) -> dict:
     data = {"dataset": cfg.dataset, "data_root": cfg.data_root, "seed": cfg.seed}
     return {"classifier": replace(cfg.classifier, {**data, "objective": "ce"}),
             "teacher": replace(cfg.teacher, data), "progressive": replace(cfg.progressive, data),
-            "consistency": replace(cfg.consistency, data),
+            "consistency": replace(cfg.consistency, {**data, "student_steps": sorted(cfg.student_steps)}),
             "robust_squeeze": replace(cfg.classifier, {**data, "objective": cfg.robust_objective}),
             "distilled_train": replace(cfg.distilled_train, data)}
 
@@ -179,16 +186,43 @@ def ms_per_image(latency: dict, defense: str, classifier: str, batch: int) -> fl
     return pur + clf["ms_per_image"]
 
 
+def pretrained_teacher(cfg: QuickstartConfig, folder: Path) -> Path:
+    """`teacher_from` opened as a DiffPure purifier with the config's t_star / steps / mode, saved once to
+    FOLDER/purifier so that every later stage reads one local folder."""
+    product, source = folder / "purifier", folder / "pretrained.json"
+    settings = {"teacher_from": cfg.teacher_from, "t_star": cfg.teacher.t_star, "steps": cfg.teacher.purify_steps,
+                "mode": cfg.teacher.mode}
+    if source.is_file():
+        if read_json(source) != settings:
+            raise FileExistsError(f"{folder} holds another pretrained teacher ({read_json(source)}); pass another "
+                                  "--out or delete that folder")
+        print(f"[{folder.name}] unchanged: reusing {product}")
+        return product
+    if PartialState().is_main_process:
+        p = load_purifier(cfg.teacher_from, t_star=cfg.teacher.t_star, steps=cfg.teacher.purify_steps,
+                          mode=cfg.teacher.mode)
+        p.save(product)
+        atomic_write_json(folder / "train.json", {"seconds": 0.0, "pretrained": cfg.teacher_from,
+                                                  "unet_parameters": sum(t.numel() for t in p.unet.parameters())})
+        atomic_write_json(source, settings)
+    PartialState().wait_for_everyone()
+    return product
+
+
 def quickstart(out: str | Path = "runs/quickstart", fast: bool = False, cfg: QuickstartConfig | None = None) -> dict:
     """Run (reuse, resume) the five stages into OUT and write OUT/report.{md,json} and the plots."""
     cfg = cfg or quickstart_config(fast)
     out = Path(out)
     stages = stage_configs(cfg)
     plan = rounds(stages["progressive"])  # bad budgets fail here, before any training
+    if not cfg.student_steps or set(cfg.student_steps) - set(plan):
+        raise ValueError(f"student_steps {cfg.student_steps} must be progressive rounds of "
+                         f"start_steps {cfg.progressive.start_steps}: {plan}")
     if cfg.recover.ipc < 1:
         raise ValueError(f"recover.ipc must be a positive integer, got {cfg.recover.ipc}")
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    if PartialState().is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
     clock, t_start = {}, time.perf_counter()
 
     def timed(name, fn):
@@ -198,8 +232,16 @@ def quickstart(out: str | Path = "runs/quickstart", fast: bool = False, cfg: Qui
         return result
 
     print("stage 1/5: the standard classifier and the DiffPure teacher")
-    clf = timed("classifier", lambda: run_stage(out / "classifier", stages["classifier"], train_squeeze, "classifier"))
-    teacher = timed("teacher", lambda: run_stage(out / "teacher", stages["teacher"], train_teacher, "purifier"))
+    if cfg.classifier_from:
+        clf = Path(cfg.classifier_from)
+        load_classifier(clf)  # a wrong folder fails here, with the reason
+    else:
+        clf = timed("classifier", lambda: run_stage(out / "classifier", stages["classifier"], train_squeeze,
+                                                    "classifier"))
+    if cfg.teacher_from:
+        teacher = timed("teacher", lambda: pretrained_teacher(cfg, out / "teacher"))
+    else:
+        teacher = timed("teacher", lambda: run_stage(out / "teacher", stages["teacher"], train_teacher, "purifier"))
 
     print("stage 2/5: progressive and consistency students")
     timed("progressive", lambda: run_stage(out / "progressive", stages["progressive"],
@@ -209,9 +251,8 @@ def quickstart(out: str | Path = "runs/quickstart", fast: bool = False, cfg: Qui
                                            lambda c, o, resume: train_consistency(c, teacher, o, resume), "students",
                                            inputs={"teacher": teacher}))
     purifiers = {"teacher": teacher}
-    purifiers.update({f"progressive-{k}": out / "progressive" / "students" / f"steps-{k}" for k in sorted(plan)})
-    purifiers.update({f"consistency-{k}": out / "consistency" / "students" / f"steps-{k}"
-                      for k in sorted(cfg.consistency.student_steps)})
+    for kind in ("progressive", "consistency"):
+        purifiers.update({f"{kind}-{k}": out / kind / "students" / f"steps-{k}" for k in sorted(cfg.student_steps)})
 
     print(f"stage 3/5: SRe2L and {cfg.robust_objective} distilled data ({cfg.recover.ipc} images per class)")
     shared = {"dataset": cfg.dataset, "data_root": cfg.data_root, "recover": to_dict(cfg.recover),
@@ -231,6 +272,8 @@ def quickstart(out: str | Path = "runs/quickstart", fast: bool = False, cfg: Qui
         same_inputs_or_fail(where, {"classifier": folder, **purifiers})
         evals[name] = timed(f"eval {name}", lambda: run_robustness(eval_config(cfg, folder, purifiers), where))
 
+    if not PartialState().is_main_process:  # under `accelerate launch`: the main process times and reports
+        return {}
     print("stage 5/5: latency of every defense")
     latency = timed("latency", lambda: measure_latency(cfg, purifiers, classifiers, out / "latency"))
 
@@ -264,8 +307,7 @@ def build_report(cfg: QuickstartConfig, out: Path, fast: bool, classifiers: dict
     train = lambda stage: read_json(out / stage / "train.json")  # noqa: E731
     teacher_lat = {r["batch_size"]: r["median_s"] for r in latency["rows"] if r["purifier"] == "teacher"}
     stages = {
-        "classifier": {"folder": str(classifiers["standard"]), "test_accuracy": train("classifier")["test_accuracy"],
-                       "seconds": train("classifier")["train_seconds"]},
+        "classifier": {"folder": str(classifiers["standard"]), **_classifier_meta(classifiers["standard"])},
         "teacher": {"folder": str(purifiers["teacher"]), "seconds": train("teacher")["seconds"],
                     "unet_parameters": train("teacher")["unet_parameters"],
                     **{k: read_json(purifiers["teacher"] / "purifier.json").get(k) for k in ("t_star", "steps", "mode")}},
@@ -290,6 +332,11 @@ def build_report(cfg: QuickstartConfig, out: Path, fast: bool, classifiers: dict
         "figures": ["robust_vs_latency.png", "robust_vs_eps.png", "purification_grid.png", "training_curves.png"],
         "config": to_dict(cfg),
     }
+
+
+def _classifier_meta(folder: Path) -> dict:
+    meta = read_json(folder / "meta.json") if (folder / "meta.json").is_file() else {}
+    return {"test_accuracy": meta.get("test_accuracy"), "seconds": meta.get("train_seconds", 0.0)}
 
 
 def _avg_worst(s: dict) -> dict:

@@ -87,6 +87,43 @@ def test_quickstart_refuses_bad_budgets_before_work(tmp_path):
         quickstart_config(overrides=["harness.nn=3"])
     with pytest.raises(ValueError, match="power of 2"):
         quickstart(tmp_path / "q", cfg=quickstart_config(changes={"progressive": {"start_steps": 6}}))
+    with pytest.raises(ValueError, match="student_steps"):
+        quickstart(tmp_path / "q", cfg=quickstart_config(changes={"student_steps": [3]}))
     with pytest.raises(ValueError, match="ipc"):
         quickstart(tmp_path / "q", cfg=quickstart_config(changes={"recover": {"ipc": 0}}))
     assert not (tmp_path / "q").exists()
+
+
+def test_a_pretrained_teacher_is_opened_with_the_configs_purification_and_saved_once(tmp_path):
+    from eval.quickstart import pretrained_teacher, quickstart_config
+    from purify import load_purifier
+
+    from .conftest import scheduler_config, tiny_unet
+
+    bare_unet_teacher = tmp_path / "bare"  # the google/ddpm-cifar10-32 layout
+    tiny_unet().save_pretrained(bare_unet_teacher, safe_serialization=True)
+    (bare_unet_teacher / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "DDPMScheduler", **scheduler_config()}))
+
+    cfg = quickstart_config(changes={"teacher_from": str(bare_unet_teacher),
+                                     "teacher": {"t_star": 0.2, "purify_steps": 7, "mode": "ode"}})
+    folder = pretrained_teacher(cfg, tmp_path / "teacher")
+    p = load_purifier(folder)
+    assert (p.t_star, p.steps, p.mode) == (0.2, 7, "ode")
+    assert pretrained_teacher(cfg, tmp_path / "teacher") == folder  # reused
+    other = quickstart_config(changes={"teacher_from": str(bare_unet_teacher), "teacher": {"purify_steps": 9}})
+    with pytest.raises(FileExistsError, match="another pretrained teacher"):
+        pretrained_teacher(other, tmp_path / "teacher")
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "tiny-imagenet", "imagenette", "imagenet"])
+def test_shipped_quickstart_configs_load(dataset):
+    from distill.progressive import rounds
+    from eval.quickstart import quickstart_config, stage_configs
+
+    cfg = quickstart_config(path=f"configs/{dataset}/quickstart.yaml")
+    stages = stage_configs(cfg)
+    assert set(cfg.student_steps) <= set(rounds(stages["progressive"]))
+    assert stages["classifier"].objective == "ce" and stages["robust_squeeze"].objective == "guard"
+    assert stages["robust_squeeze"].arch == stages["classifier"].arch  # SRe2L and GUARD squeeze the same network
+    assert {s.dataset for s in stages.values()} == {cfg.dataset}
