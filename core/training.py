@@ -234,13 +234,17 @@ def run_stage(folder: str | Path, cfg, train_fn, product: str, done: str = "trai
     """Run a pipeline stage into `folder`: reuse it when its config and `inputs` (name -> upstream folder) are
     unchanged and it finished (`done` written), resume it when it has checkpoints, refuse a folder that holds
     another config or was built from other inputs."""
-    folder = Path(folder)
+    folder, state = Path(folder), process_state()
+    state.wait_for_everyone()  # under accelerate every process decides on the same files, after the last stage
     same_config_or_fail(folder, cfg)
     same_inputs_or_fail(folder, inputs or {})
     if (folder / "config.yaml").is_file() and (folder / product).exists() and (folder / done).is_file():
         print(f"[{folder.name}] unchanged: reusing {folder / product}")
-        return folder / product
-    return train_fn(cfg, folder, resume=bool(checkpoint_dirs(folder)))
+        result = folder / product
+    else:
+        result = train_fn(cfg, folder, resume=bool(checkpoint_dirs(folder)))
+    state.wait_for_everyone()
+    return result
 
 
 def make_optimizer(cfg: LoopConfig, params):
@@ -293,12 +297,23 @@ def open_run(cfg: LoopConfig, out: str | Path, resume: bool) -> Run:
     return Run(out, ckpt, acc, dataset, info, JsonlLog(out / "log.jsonl", acc.is_main_process))
 
 
+def _multi_cpu() -> bool:
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1):
     """An Accelerator; under `accelerate launch --multi_gpu` on a machine without CUDA it runs DDP on CPUs (gloo)."""
     from accelerate import Accelerator
 
-    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum, cpu=multi_cpu)
+    return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum, cpu=_multi_cpu())
+
+
+def process_state():
+    """accelerate's PartialState (which process am I, barriers) set up like make_accelerator: the first one made
+    fixes the distributed setup for the whole process, so never call PartialState() bare."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=_multi_cpu())
 
 
 def fit(acc, cfg, model, opt, lr_sched, loss_fn, dataset, start: int, end: int, out: Path, log,

@@ -16,14 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
-
 from core.checkpoint import load_classifier
 from core.config import load_config, replace, save_config, to_dict
 from core.datasets import load_dataset, to_tensors
 from core.io import atomic_write_json, atomic_write_text, load_tensors, read_json
 from core.plots import image_grid
-from core.training import run_stage, same_inputs_or_fail
+from core.training import process_state, run_stage, same_inputs_or_fail
 from distill.consistency import ConsistencyConfig, train_consistency
 from distill.progressive import ProgressiveConfig, rounds, train_progressive
 from distill.teacher import TeacherConfig, train_teacher
@@ -198,14 +196,14 @@ def pretrained_teacher(cfg: QuickstartConfig, folder: Path) -> Path:
                                   "--out or delete that folder")
         print(f"[{folder.name}] unchanged: reusing {product}")
         return product
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         p = load_purifier(cfg.teacher_from, t_star=cfg.teacher.t_star, steps=cfg.teacher.purify_steps,
                           mode=cfg.teacher.mode)
         p.save(product)
         atomic_write_json(folder / "train.json", {"seconds": 0.0, "pretrained": cfg.teacher_from,
                                                   "unet_parameters": sum(t.numel() for t in p.unet.parameters())})
         atomic_write_json(source, settings)
-    PartialState().wait_for_everyone()
+    process_state().wait_for_everyone()
     return product
 
 
@@ -220,7 +218,7 @@ def quickstart(out: str | Path = "runs/quickstart", fast: bool = False, cfg: Qui
                          f"start_steps {cfg.progressive.start_steps}: {plan}")
     if cfg.recover.ipc < 1:
         raise ValueError(f"recover.ipc must be a positive integer, got {cfg.recover.ipc}")
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
     clock, t_start = {}, time.perf_counter()
@@ -272,7 +270,7 @@ def quickstart(out: str | Path = "runs/quickstart", fast: bool = False, cfg: Qui
         same_inputs_or_fail(where, {"classifier": folder, **purifiers})
         evals[name] = timed(f"eval {name}", lambda: run_robustness(eval_config(cfg, folder, purifiers), where))
 
-    if not PartialState().is_main_process:  # under `accelerate launch`: the main process times and reports
+    if not process_state().is_main_process:  # under `accelerate launch`: the main process times and reports
         return {}
     print("stage 5/5: latency of every defense")
     latency = timed("latency", lambda: measure_latency(cfg, purifiers, classifiers, out / "latency"))

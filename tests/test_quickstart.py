@@ -127,3 +127,23 @@ def test_shipped_quickstart_configs_load(dataset):
     assert stages["classifier"].objective == "ce" and stages["robust_squeeze"].objective == "guard"
     assert stages["robust_squeeze"].arch == stages["classifier"].arch  # SRe2L and GUARD squeeze the same network
     assert {s.dataset for s in stages.values()} == {cfg.dataset}
+
+
+@pytest.mark.slow
+def test_quickstart_under_accelerate_launch_with_two_processes(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY))
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+           "no", "--dynamo_backend", "no", "-m", "eval", "quickstart", "--fast", "--out", str(tmp_path / "q"),
+           "--config", str(tmp_path / "tiny.yaml")]
+    subprocess.run(cmd, check=True, timeout=600)
+    assert read_json(tmp_path / "q" / "teacher" / "train.json")["processes"] == 2
+    report = read_json(tmp_path / "q" / "report.json")
+    assert len(report["rows"]) == 3 * len(DEFENSES)
