@@ -55,7 +55,8 @@ class HarnessBudget:
     sweep_eps: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.5])
     sweep_n: int = 32
     sweep_defenses: list[str] = field(default_factory=lambda: ["undefended", "consistency-1"])
-    check_n: int = 32  # the doubled-steps rerun
+    check_n: int = 32  # the doubled-steps rerun (a gradient-masking check) ...
+    check_defenses: list[str] = field(default_factory=lambda: ["undefended", "progressive-1", "consistency-1"])
     batch_size: int = 64
 
 
@@ -67,7 +68,7 @@ class LatencyBudget:
 
 
 def _teacher() -> TeacherConfig:
-    return TeacherConfig(train_steps=600, checkpoint_every=200)
+    return TeacherConfig(train_steps=500, checkpoint_every=250)
 
 
 @dataclass
@@ -86,9 +87,9 @@ class QuickstartConfig:
     classifier: SqueezeConfig = field(default_factory=SqueezeConfig)
     teacher: TeacherConfig = field(default_factory=_teacher)
     progressive: ProgressiveConfig = field(default_factory=lambda: ProgressiveConfig(
-        start_steps=8, steps_per_round=150, checkpoint_every=150))
+        start_steps=8, steps_per_round=120, checkpoint_every=120))
     consistency: ConsistencyConfig = field(default_factory=lambda: ConsistencyConfig(
-        train_steps=400, checkpoint_every=200))
+        train_steps=320, checkpoint_every=160))
     robust_objective: str = "guard"  # the squeeze objective of the robust distilled data (SRe2L: ce)
     recover: RecoverConfig = field(default_factory=lambda: RecoverConfig(
         ipc=10, iterations=500, crop=False, jitter=2))
@@ -136,11 +137,14 @@ def stage_configs(cfg: QuickstartConfig) -> dict:
 def eval_config(cfg: QuickstartConfig, classifier: Path, purifiers: dict[str, Path]) -> EvalConfig:
     """The harness run for one classifier: bare, then behind every purifier, at the quickstart's budget."""
     h = cfg.harness
-    sweep = lambda label: list(h.sweep_eps) if label in h.sweep_defenses else []  # noqa: E731
+    def extra(label):
+        return {"sweep_eps": list(h.sweep_eps) if label in h.sweep_defenses else [],
+                "check_steps": label in h.check_defenses}
+
     defenses = [{"purifier": "none", "label": "undefended", "attacks": list(h.bare_attacks), "steps": {},
-                 "sweep_eps": sweep("undefended")}]
+                 **extra("undefended")}]
     for label, folder in purifiers.items():
-        d = {"purifier": str(folder), "label": label, "sweep_eps": sweep(label)}
+        d = {"purifier": str(folder), "label": label, **extra(label)}
         defenses.append({**d, **h.teacher} if label == "teacher" else d)
     return EvalConfig(dataset=cfg.dataset, data_root=cfg.data_root, classifier=str(classifier), defenses=defenses,
                       attacks=list(h.attacks), eps=h.eps, n=h.n, evals=h.evals, eot=h.eot,
