@@ -65,7 +65,10 @@ def test_fast_quickstart_runs_every_stage_and_reuses_them(tmp_path, capsys):
         assert ecfg["classifier"] == str(clf)
         purifiers = [d["purifier"] for d in ecfg["defenses"]]
         assert purifiers[1] == str(teacher) and purifiers[0] == "none" and len(purifiers) == 8
-    assert report["pareto"]["standard"] and set(report["pareto"]["standard"]) <= set(DEFENSES)
+    front = report["pareto"]["standard"]
+    assert front and set(front) <= set(DEFENSES)
+    assert [rows["standard", d]["ms_per_image"] for d in front] == sorted(rows["standard", d]["ms_per_image"]
+                                                                         for d in front)  # fastest first
     text = (out / "report.md").read_text()
     assert "| guard | consistency-4 |" in text and "Pareto front" in text
 
