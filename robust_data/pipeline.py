@@ -51,11 +51,11 @@ def pipeline(cfg: PipelineConfig, out: str | Path) -> dict:
     if stages["recover"].ipc < 1:
         raise ValueError(f"recover.ipc must be a positive integer, got {stages['recover'].ipc}")
     get_objective(cfg.squeeze.objective)  # an unknown name fails here, before any stage runs
+    if cfg.squeezed and not (Path(cfg.squeezed) / "config.json").is_file():
+        raise FileNotFoundError(f"squeezed: {cfg.squeezed} is not a classifier folder (config.json missing)")
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     if cfg.squeezed:
-        if not (Path(cfg.squeezed) / "config.json").is_file():
-            raise FileNotFoundError(f"squeezed: {cfg.squeezed} is not a classifier folder")
         print(f"stage 1/4: squeeze skipped, recovering from {cfg.squeezed}")
         clf = Path(cfg.squeezed)
     else:

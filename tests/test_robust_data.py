@@ -95,6 +95,10 @@ def test_unknown_objective_and_bad_ipc_are_named(tmp_path):
         main(["pipeline", "--config", "configs/digits/guard.yaml", "--out", str(tmp_path / "p"), "recover.ipc=0"])
     with pytest.raises(SystemExit, match="unknown config key recover.ipcs"):
         main(["pipeline", "--config", "configs/digits/guard.yaml", "--out", str(tmp_path / "p"), "recover.ipcs=3"])
+    with pytest.raises(SystemExit, match="squeezed: .* is not a classifier folder"):
+        main(["pipeline", "--config", "configs/digits/guard.yaml", "--out", str(tmp_path / "p"),
+              f"squeezed={tmp_path}"])
+    assert not (tmp_path / "p").exists()
     assert sorted(OBJECTIVES) == ["adversarial", "ce", "gradnorm", "guard", "guard-loss"]
 
 
