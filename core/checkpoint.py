@@ -25,6 +25,12 @@ def save_classifier(model: nn.Module, folder: str | Path, cfg: ClassifierConfig,
     return Path(folder)
 
 
+def classifier_meta(folder: str | Path) -> dict:
+    """What `save_classifier` recorded beside the weights (test accuracy, provenance), or {} if nothing."""
+    path = Path(folder) / "meta.json"
+    return read_json(path) if path.is_file() else {}
+
+
 def load_classifier(folder: str | Path, device="cpu") -> nn.Module:
     """Rebuild a classifier written by `save_classifier`, in eval mode."""
     folder = Path(folder)

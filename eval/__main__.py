@@ -60,14 +60,9 @@ def main(argv=None):
 
     if args.command == "quickstart":
         out = args.out or ("runs/quickstart-fast" if args.fast else "runs/quickstart")
-        from core.config import ConfigError
-
         from .quickstart import quickstart_config
 
-        try:
-            cfg = quickstart_config(args.fast, args.config, args.overrides)
-        except (ConfigError, FileNotFoundError) as e:
-            raise SystemExit(f"error: {e}") from None
+        cfg = run_or_exit(quickstart_config, args.fast, args.config, args.overrides)
         run_or_exit(quickstart, out, fast=args.fast, cfg=cfg)
         print(f"report written to {out}/report.md")
     elif args.command == "accuracy":

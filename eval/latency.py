@@ -122,6 +122,13 @@ def render(rows: list[dict], device: str) -> str:
     return "\n".join(lines)
 
 
+def device_name(device: str) -> str:
+    """The GPU's name, or the CPU with its thread count: the machine a timing belongs to."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    return f"CPU, {torch.get_num_threads()} threads"
+
+
 def run_latency(purifier_dirs: list[str], classifier_dir: str | None, batch_sizes, out: str | Path | None,
                 **kw) -> list[dict]:
     """Load, time, write OUT/latency.json and OUT/latency.md."""
@@ -134,9 +141,7 @@ def run_latency(purifier_dirs: list[str], classifier_dir: str | None, batch_size
         purifiers[label if label not in purifiers else f"{label}-{len(purifiers)}"] = p
     classifier = load_classifier(classifier_dir) if classifier_dir else None
     rows = benchmark(purifiers, classifier, batch_sizes, **kw)
-    device = rows[0]["device"]
-    cpu = f"CPU, {torch.get_num_threads()} threads"
-    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else cpu
+    name = device_name(rows[0]["device"])
     text = render(rows, name)
     if out is not None:
         out = Path(out)

@@ -40,7 +40,6 @@ def robust_vs_eps(curves: dict[str, list[tuple[float, float]]], path: str | Path
     return Path(path)
 
 
-
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """The (cost, accuracy) points no other point beats on both: cheaper-or-equal and at least as accurate."""
     front, best = [], -1.0

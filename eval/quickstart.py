@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from core.checkpoint import load_classifier
+
+from core.checkpoint import classifier_meta, load_classifier
 from core.config import load_config, replace, save_config, to_dict
 from core.datasets import load_dataset, to_tensors
 from core.io import atomic_write_json, atomic_write_text, load_tensors, read_json
@@ -33,7 +34,7 @@ from robust_data.squeeze import SqueezeConfig, train_squeeze
 from robust_data.train import TrainConfig
 
 from .attacks import preset_eps
-from .latency import benchmark, time_module
+from .latency import benchmark, device_name, time_module
 from .plots import pareto_front, robust_vs_eps, robust_vs_latency, training_curves
 from .robustness import EvalConfig, run_robustness
 
@@ -51,11 +52,11 @@ class HarnessBudget:
     steps: int = 10  # iterations of every gradient attack on a purified classifier (bare: the attack's default)
     # the 100-step teacher: full gradients through it cost ~100 student steps, so BPDA only, fewer images
     teacher: dict = field(default_factory=lambda: {"n": 32, "evals": 1, "eot": 1, "attacks": ["bpda-eot"],
-                                                   "steps": {"bpda-eot": 5}, "check_steps": False})
+                                                   "steps": {"bpda-eot": 5}})
     sweep_eps: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.5])
     sweep_n: int = 32
     sweep_defenses: list[str] = field(default_factory=lambda: ["undefended", "consistency-1"])
-    check_n: int = 32  # the doubled-steps rerun (a gradient-masking check) ...
+    check_n: int = 32  # the doubled-steps rerun (a gradient-masking check), on these defenses:
     check_defenses: list[str] = field(default_factory=lambda: ["undefended", "progressive-1", "consistency-1"])
     batch_size: int = 64
 
@@ -65,10 +66,6 @@ class LatencyBudget:
     batch_sizes: list[int] = field(default_factory=lambda: [1, 64])
     warmup: int = 1
     repeats: int = 3
-
-
-def _teacher() -> TeacherConfig:
-    return TeacherConfig(train_steps=500, checkpoint_every=250)
 
 
 @dataclass
@@ -85,7 +82,7 @@ class QuickstartConfig:
     teacher_from: str | None = None
     student_steps: list[int] = field(default_factory=lambda: [1, 2, 4])  # the students evaluated (both methods)
     classifier: SqueezeConfig = field(default_factory=SqueezeConfig)
-    teacher: TeacherConfig = field(default_factory=_teacher)
+    teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(train_steps=500, checkpoint_every=250))
     progressive: ProgressiveConfig = field(default_factory=lambda: ProgressiveConfig(
         start_steps=8, steps_per_round=120, checkpoint_every=120))
     consistency: ConsistencyConfig = field(default_factory=lambda: ConsistencyConfig(
@@ -111,8 +108,7 @@ FAST = {
     "distilled_train": {"epochs": 50},
     "harness": {"n": 32, "evals": 1, "eot": 1, "steps": 5, "bare_attacks": ["pgd"], "sweep_eps": [0.1, 0.5],
                 "sweep_n": 16, "check_n": 16,
-                "teacher": {"n": 16, "evals": 1, "eot": 1, "attacks": ["bpda-eot"], "steps": {"bpda-eot": 2},
-                            "check_steps": False}},
+                "teacher": {"n": 16, "evals": 1, "eot": 1, "attacks": ["bpda-eot"], "steps": {"bpda-eot": 2}}},
     "latency": {"repeats": 1},
 }
 
@@ -156,7 +152,7 @@ def measure_latency(cfg: QuickstartConfig, purifiers: dict[str, Path], classifie
                     folder: Path) -> dict:
     """Every purifier and every classifier alone at each batch size; reused when nothing changed."""
     lat = cfg.latency
-    settings = {**to_dict(lat), "threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
+    settings = {**to_dict(lat), "machine": device_name("cuda" if torch.cuda.is_available() else "cpu")}
     same_inputs_or_fail(folder, {**purifiers, **{f"{k} classifier": v for k, v in classifiers.items()}})
     done = folder / "latency.json"
     if done.is_file() and read_json(done)["settings"] == settings:
@@ -172,7 +168,7 @@ def measure_latency(cfg: QuickstartConfig, purifiers: dict[str, Path], classifie
             x = torch.rand(b, *shape, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
             r = time_module(clf, x, lat.warmup, lat.repeats)
             rows.append({"variant": "plain", "device": str(device), "purifier": "none", "classifier": name,
-                         "with_classifier": True, "batch_size": b, "nfe": 0, **r, "images_per_s": b / r["median_s"],
+                         "batch_size": b, "nfe": 0, **r, "images_per_s": b / r["median_s"],
                          "ms_per_image": 1000 * r["median_s"] / b})
     result = {"settings": settings, "rows": rows}
     atomic_write_json(done, result)
@@ -307,17 +303,19 @@ def build_report(cfg: QuickstartConfig, out: Path, fast: bool, classifiers: dict
         front = pareto_front([(r["ms_per_image"], r["all_attacks"]) for r in mine])
         fronts[clf] = [r["defense"] for r in sorted(mine, key=lambda r: r["ms_per_image"])
                        if (r["ms_per_image"], r["all_attacks"]) in front]
-    train = lambda stage: read_json(out / stage / "train.json")  # noqa: E731
+    train = {stage: read_json(out / stage / "train.json") for stage in ("teacher", "progressive", "consistency")}
     teacher_lat = {r["batch_size"]: r["median_s"] for r in latency["rows"] if r["purifier"] == "teacher"}
+    std = classifier_meta(classifiers["standard"])
     stages = {
-        "classifier": {"folder": str(classifiers["standard"]), **_classifier_meta(classifiers["standard"])},
-        "teacher": {"folder": str(purifiers["teacher"]), "seconds": train("teacher")["seconds"],
-                    "unet_parameters": train("teacher")["unet_parameters"],
+        "classifier": {"folder": str(classifiers["standard"]), "test_accuracy": std.get("test_accuracy"),
+                       "seconds": std.get("train_seconds", 0.0)},
+        "teacher": {"folder": str(purifiers["teacher"]), "seconds": train["teacher"]["seconds"],
+                    "unet_parameters": train["teacher"]["unet_parameters"],
                     **{k: read_json(purifiers["teacher"] / "purifier.json").get(k) for k in ("t_star", "steps", "mode")}},
         "progressive": {"students": [str(p) for k, p in purifiers.items() if k.startswith("progressive")],
-                        "seconds": train("progressive")["seconds"]},
+                        "seconds": train["progressive"]["seconds"]},
         "consistency": {"students": [str(p) for k, p in purifiers.items() if k.startswith("consistency")],
-                        "seconds": train("consistency")["seconds"]},
+                        "seconds": train["consistency"]["seconds"]},
         **{name: {k: p[k] for k in ("objective", "ipc", "squeezed_classifier", "distilled", "classifier",
                                     "squeeze_test_accuracy", "test_accuracy")}
            for name, p in (("sre2l", pipelines["sre2l"]), (cfg.robust_objective, pipelines["robust"]))},
@@ -326,7 +324,7 @@ def build_report(cfg: QuickstartConfig, out: Path, fast: bool, classifiers: dict
         "dataset": cfg.dataset, "fast": fast, "out": str(out),
         "threat": {"norm": "Linf", "eps": cfg.harness.eps if cfg.harness.eps is not None
                    else preset_eps(cfg.dataset, "Linf")},
-        "machine": _machine(latency), "stages": stages, "rows": rows, "pareto": fronts,
+        "machine": latency["settings"]["machine"], "stages": stages, "rows": rows, "pareto": fronts,
         "latency": {"batch_size_for_ms": batch, "rows": [
             {**{k: r[k] for k in ("purifier", "batch_size", "nfe", "median_s", "p90_s", "ms_per_image", "images_per_s")},
              "classifier": r.get("classifier"),
@@ -337,20 +335,8 @@ def build_report(cfg: QuickstartConfig, out: Path, fast: bool, classifiers: dict
     }
 
 
-def _classifier_meta(folder: Path) -> dict:
-    meta = read_json(folder / "meta.json") if (folder / "meta.json").is_file() else {}
-    return {"test_accuracy": meta.get("test_accuracy"), "seconds": meta.get("train_seconds", 0.0)}
-
-
 def _avg_worst(s: dict) -> dict:
     return {"average": s["average"], "worst": s["worst"]}
-
-
-def _machine(latency: dict) -> str:
-    device = latency["rows"][0]["device"]
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(device)
-    return f"CPU, {latency['settings']['threads']} threads"
 
 
 def figures(cfg: QuickstartConfig, out: Path, report: dict, evals: dict, purifiers: dict) -> None:
@@ -415,7 +401,7 @@ def render(r: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     budgets = {}
     for row in rows:
-        budgets.setdefault(json_key(row), []).append(f"{row['classifier']}/{row['defense']}")
+        budgets.setdefault(_budget_line(row), []).append(f"{row['classifier']}/{row['defense']}")
     lines += ["", "Budgets (reduced, to fit the quickstart; `python -m eval robustness --config "
               "configs/digits/eval.yaml` runs the full ones):", ""]
     for key, who in budgets.items():
@@ -475,5 +461,5 @@ def _aw(s: dict, evals: int) -> str:
     return _pct(s["average"]) if evals == 1 else f"{_pct(s['average'])} / {_pct(s['worst'])}"
 
 
-def json_key(row: dict) -> str:
+def _budget_line(row: dict) -> str:
     return "; ".join(f"{a}: {b}" for a, b in row["budgets"].items()) + f"; n {row['examples']}, R {row['evals']}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.checkpoint import classifier_meta
 from core.config import replace, save_config, to_dict
 from core.io import atomic_write_json, read_json
 from core.training import run_stage
@@ -72,10 +73,9 @@ def pipeline(cfg: PipelineConfig, out: str | Path) -> dict:
     print("stage 4/4: train a classifier on the distilled data")
     student = run_stage(out / "train", stages["train"], train_distilled, "classifier",
                         inputs={"squeezed classifier": clf, "distilled data": distilled})
-    meta = clf / "meta.json"
     result = {"objective": cfg.squeeze.objective, "ipc": stages["recover"].ipc, "dataset": cfg.dataset,
               "squeezed_classifier": str(clf), "distilled": str(distilled), "classifier": str(student),
-              "squeeze_test_accuracy": read_json(meta).get("test_accuracy") if meta.is_file() else None,
+              "squeeze_test_accuracy": classifier_meta(clf).get("test_accuracy"),
               "test_accuracy": read_json(out / "train" / "train.json")["test_accuracy"],
               "config": to_dict(cfg)}
     atomic_write_json(out / "pipeline.json", result)
