@@ -37,9 +37,7 @@ class LPIPSDistance(torch.nn.Module):
                 f"LPIPS needs the ImageNet {net} weights at {cached}, which are not there and cannot be "
                 "downloaded here: copy that file from a machine with a network (torchvision puts it there), "
                 "or use distance=pseudo-huber")
-        import lpips
-
-        self.lpips = lpips.LPIPS(net=net, verbose=False).eval().requires_grad_(False)
+        self.lpips = _lpips_without_pickle(net, cached).eval().requires_grad_(False)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         def prep(x):
@@ -47,6 +45,26 @@ class LPIPSDistance(torch.nn.Module):
             return F.interpolate(x.float(), size=224, mode="bilinear", align_corners=False) if x.shape[-1] < 224 else x
 
         return self.lpips(prep(a), prep(b)).flatten()  # inputs already in [-1, 1]
+
+
+def _lpips_without_pickle(net: str, backbone_file: Path):
+    """LPIPS with its layers built empty and every weight file read with `weights_only=True`.
+
+    `lpips.LPIPS(net=...)` would fetch the backbone through torchvision and read its own linear layers with a
+    plain `torch.load`; here the same two files are read as tensors only (no arbitrary unpickling)."""
+    import lpips
+
+    model = lpips.LPIPS(pretrained=False, net=net, pnet_rand=True, verbose=False)  # reads no file
+    sd = torch.load(backbone_file, map_location="cpu", weights_only=True)
+    features = {k.split(".", 1)[1]: v for k, v in sd.items() if k.startswith("features.")}
+    try:
+        model.net.load_state_dict({f"{name}.{key}": features[key] for name, part in model.net.named_children()
+                                   for key in part.state_dict()})
+    except KeyError as e:
+        raise ValueError(f"{backbone_file} is not torchvision's {net} checkpoint (no features.{e.args[0]})") from None
+    lin = Path(lpips.__file__).parent / "weights" / "v0.1" / f"{net}.pth"  # shipped inside the lpips package
+    model.load_state_dict(torch.load(lin, map_location="cpu", weights_only=True), strict=False)
+    return model
 
 
 def get_distance(name: str, huber_c: float | None = None):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,9 @@ class ProgressiveConfig(StudentConfig):
 
     start_steps: int = 64  # the round-1 teacher: DDIM with this many steps on [0, t_star]
     final_steps: int = 1
-    parameterization: str = "v_prediction"  # or "sample" (x); "epsilon" is allowed for ablations
+    # "teacher": the teacher UNet's own prediction type, the only one in which the copied weights start out as
+    # the teacher; v_prediction / sample / epsilon re-read them (the round-1 student then starts elsewhere)
+    parameterization: str = "teacher"
     steps_per_round: int = 300
 
 
@@ -57,6 +60,16 @@ def progressive_loss(student, teacher, x0, t_star: float, student_steps: int, g,
     return (weight * per_example).mean(), {"mse_x": per_example.mean().detach()}
 
 
+def student_parameterization(requested: str, teacher: str) -> str:
+    """The students' prediction type: the teacher's for "teacher"; another one is honoured with a warning, since
+    the round-1 student (the teacher's weights read another way) then does not start at its teacher."""
+    if requested in ("teacher", teacher):
+        return teacher
+    warnings.warn(f"progressive students predict {requested} from a {teacher}-predicting teacher: the round-1 "
+                  "student starts away from its teacher (parameterization=teacher keeps them aligned)", stacklevel=3)
+    return requested
+
+
 def rounds(cfg: ProgressiveConfig) -> list[int]:
     """The student step counts, one per round: [start/2, start/4, ..., final]."""
     r = math.log2(cfg.start_steps / cfg.final_steps) if cfg.final_steps >= 1 else -1
@@ -68,9 +81,11 @@ def rounds(cfg: ProgressiveConfig) -> list[int]:
 def train_progressive(cfg: ProgressiveConfig, teacher_dir: str | Path, out: str | Path, resume: bool = False) -> list[Path]:
     """Distil the teacher round by round; every round's student lands in OUT/students/steps-K."""
     plan = rounds(cfg)
-    if cfg.parameterization not in ("v_prediction", "sample", "epsilon"):
-        raise ValueError(f"parameterization must be v_prediction, sample or epsilon, got {cfg.parameterization!r}")
+    if cfg.parameterization not in ("teacher", "v_prediction", "sample", "epsilon"):
+        raise ValueError(f"parameterization must be teacher, v_prediction, sample or epsilon, got "
+                         f"{cfg.parameterization!r}")
     teacher_p = load_purifier(teacher_dir)
+    param = student_parameterization(cfg.parameterization, teacher_p.x0_net.prediction_type)
     t_star = cfg.t_star or teacher_p.t_star
     run = open_run(cfg, out, resume)
     out, ckpt, acc, ds, log = run.out, run.ckpt, run.acc, run.dataset, run.log
@@ -91,7 +106,7 @@ def train_progressive(cfg: ProgressiveConfig, teacher_dir: str | Path, out: str 
             load_train_state(ckpt, {"student": unet, "ema": ema}, opt, lr_sched)
         model, opt = acc.prepare(unet, opt)
         ema.to(acc.device)
-        student = UNetDenoiser(model, teacher.schedule, cfg.parameterization)
+        student = UNetDenoiser(model, teacher.schedule, param)
 
         def loss_fn(model, x, y, g):
             x_in, x_clean, mask = student_inputs(x, y, classifier, cfg.adversarial, g)
@@ -106,7 +121,7 @@ def train_progressive(cfg: ProgressiveConfig, teacher_dir: str | Path, out: str 
         step = (r + 1) * spr
         acc.wait_for_everyone()
         if acc.is_main_process:
-            ProgressiveStudent(copy.deepcopy(ema).cpu(), sched_cfg, t_star, k, prediction_type=cfg.parameterization,
+            ProgressiveStudent(copy.deepcopy(ema).cpu(), sched_cfg, t_star, k, prediction_type=param,
                                seed=cfg.seed, source={"trained_by": "distill progressive", "teacher": str(teacher_dir),
                                                       "round": r + 1, "teacher_steps": 2 * k, "run": str(out),
                                                       "adversarial": cfg.adversarial.classifier is not None}

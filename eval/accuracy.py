@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import zlib
 
 import torch
 from tqdm.auto import tqdm
@@ -13,14 +14,22 @@ from purify import load_purifier
 from robust_data.squeeze import accuracy
 
 
+def batch_seed(seed: int, batch: int) -> int:
+    """The purifier seed of one batch: every purifier reseeded with it draws the same diffusion noise at t_star."""
+    return zlib.crc32(f"{seed}/batch/{batch}".encode()) & 0x7FFFFFFF
+
+
 @torch.no_grad()
 def purify_batches(purifier, x: torch.Tensor, batch_size: int = 64, seed: int | None = None,
                    desc: str | None = None) -> tuple[torch.Tensor, float]:
-    """Purify x in batches (reseeding first when `seed` is given); returns (outputs, median s per full batch)."""
-    if seed is not None:
-        purifier.manual_seed(seed)
+    """Purify x in batches; returns (outputs, median s per full batch).
+
+    With `seed`, the purifier is reseeded before every batch (`batch_seed`): its first draw, the noise that
+    diffuses x to t_star, is then the same for every purifier on every batch, however many draws each makes."""
     outs, times = [], []
     for i in tqdm(range(0, len(x), batch_size), desc=desc, disable=desc is None):
+        if seed is not None:
+            purifier.manual_seed(batch_seed(seed, i // batch_size))
         t0 = time.perf_counter()
         outs.append(purifier(x[i:i + batch_size]))
         if len(outs[-1]) == batch_size or not times:

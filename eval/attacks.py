@@ -1,15 +1,21 @@
-"""Attacks by name (torchattacks, plus the adaptive ones for purifiers) and per-dataset epsilon presets."""
+"""Attacks by name: one table (`ATTACKS`) of torchattacks and adaptive attacks, and per-dataset epsilon presets.
+
+Adding an attack is one `register_attack(AttackSpec(...))` with its builder; the harness, the budget lines,
+the checks and the config validation all read the table."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchattacks
 from torchattacks.attack import Attack
+
+from .defended import Defended
 
 # Linf / L2 budgets on [0, 1] pixels: CIFAR-10 8/255 and 0.5 as in DiffPure; the ImageNet family 4/255
 # (DiffPure; GUARD also reports 1/255: pass eps=0.00392); digits 0.1, where PGD breaks the bare ConvNet.
@@ -22,11 +28,48 @@ EPS_PRESETS = {
     "imagenet": {"Linf": 4 / 255, "L2": 3.0},
 }
 NORMS = ("Linf", "L2")
-STEPS = {"pgd": 100, "pgd-eot": 100, "bpda-eot": 100, "transfer": 100, "cw": 100, "mim": 10, "fgsm": 1,
-         "autoattack": 100, "autoattack-rand": 100, "square": 0}
-WHITE_BOX = ("pgd", "pgd-eot", "bpda-eot", "cw", "mim", "fgsm", "autoattack", "autoattack-rand")
-NEEDS_PURIFIER = ("bpda-eot",)
-ATTACKS = tuple(STEPS)
+AA_TARGETS = 9  # standard AutoAttack: APGD-T and FAB-T against the 9 highest-scoring wrong classes
+
+
+@dataclass(frozen=True)
+class AttackContext:
+    """What a builder needs beyond the model: the threat model and the budget of this one run."""
+
+    norm: str
+    eps: float
+    steps: int
+    n_classes: int
+    seed: int = 0
+    eot: int = 1
+    queries: int = 5000
+    stochastic: bool = False
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One attack: its name, default steps, kind, the norms it exists in, how its budget reads, its builder.
+
+    `build(model, ctx)` returns a callable (x, y) -> x_adv, or (x_adv, source) where source names, per example,
+    the sub-attack whose candidate was kept. `target(model, transfer_source)` is what the attack differentiates
+    (default: the defended model itself)."""
+
+    name: str
+    steps: int
+    white_box: bool
+    build: Callable
+    budget: Callable[[AttackContext], str]
+    norms: tuple[str, ...] = NORMS
+    needs_purifier: bool = False
+    target: Callable | None = None
+
+
+ATTACKS: dict[str, AttackSpec] = {}
+
+
+def register_attack(spec: AttackSpec) -> AttackSpec:
+    """Make an attack known by name to the harness, the configs and the checks."""
+    ATTACKS[spec.name] = spec
+    return spec
 
 
 def preset_eps(dataset: str, norm: str = "Linf") -> float:
@@ -48,12 +91,15 @@ def check_norm(norm: str) -> None:
         raise ValueError(f"unknown norm {norm!r}; known: {', '.join(NORMS)}")
 
 
-def check_attack(name: str, norm: str) -> None:
-    """Raise before any work for an unknown attack name or one that does not exist in this norm."""
+def check_attack(name: str, norm: str) -> AttackSpec:
+    """The attack's table entry; raises before any work for an unknown name or a norm it does not exist in."""
     if name not in ATTACKS:
         raise ValueError(f"unknown attack {name!r}; known: {', '.join(ATTACKS)}")
-    if norm == "L2" and name in ("mim", "fgsm"):
-        raise ValueError(f"{name} is an Linf attack; under L2 use pgd, cw or autoattack")
+    spec = ATTACKS[name]
+    if norm not in spec.norms:
+        raise ValueError(f"{name} is an {'/'.join(spec.norms)} attack; under {norm} use "
+                         f"{', '.join(a for a, s in ATTACKS.items() if norm in s.norms and s.white_box)}")
+    return spec
 
 
 def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -138,7 +184,8 @@ class BPDA(nn.Module):
 
 @dataclass
 class Composed:
-    """AutoAttack's protocol (Croce & Hein, 2020): each attack runs on the examples that survived the ones before.
+    """AutoAttack's protocol for a deterministic model (Croce & Hein, 2020): each attack runs on the examples
+    that survived the ones before.
 
     Returns (x_adv, broken_by): the name of the attack that first broke each example, "clean" when it was
     misclassified without attack, "" when it survived all."""
@@ -165,46 +212,181 @@ class Composed:
         return x_adv, broken
 
 
-def build_attack(name: str, model: nn.Module, norm: str, eps: float, *, n_classes: int, seed: int = 0,
-                 eot: int = 1, steps: int | None = None, queries: int = 5000):
-    """The named attack on `model` ([0, 1] in, logits out): a callable (x, y) -> x_adv or (x_adv, broken_by).
+@dataclass
+class Strongest:
+    """The AutoAttack family on a stochastic defense: every sub-attack runs on every example (no pre-filter on
+    a noisy pass), and each example keeps the candidate with the highest margin loss averaged over `draws`
+    forward passes, never the clean point because the attack's own draw was not fooled.
 
-    pgd: PGD, 100 steps, step 2.5 eps/steps, random start (torchattacks PGD / PGDL2).
-    autoattack: APGD-CE, APGD-T (9 targets), FAB-T (9 targets), Square (5000 queries), 100 steps each,
-    composed as in the original AutoAttack (torchattacks' own AutoAttack runs 10 steps).
-    autoattack-rand: APGD-CE and APGD-DLR with EOT over `eot` passes (the original's version for
-    randomized defenses, EOT 20). square: Square, 5000 queries, margin loss. cw: PGD on the Carlini-Wagner
-    margin loss. mim: MI-FGSM, 10 steps, decay 1. fgsm: one signed-gradient step.
-    pgd-eot / bpda-eot: EOTPGD with `eot` samples; for bpda-eot pass the defended model with the
-    purifier wrapped in BPDA. transfer: crafted elsewhere (see eval.harness)."""
-    check_attack(name, norm)
-    steps = steps or STEPS[name]
+    `attacks`: (name, fn(x, y) -> list of candidate batches). Returns (x_adv, source): per example, the name
+    of the sub-attack whose candidate was kept."""
+
+    model: nn.Module
+    attacks: list[tuple[str, Callable]]
+    norm: str
+    eps: float
+    draws: int = 1
+
+    @torch.no_grad()
+    def score(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.stack([margin_loss(self.model(x), y) for _ in range(self.draws)]).mean(0)
+
+    def inside(self, cand: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Candidates within the threat model (FAB's boundary points may lie beyond eps)."""
+        d = (cand - x).flatten(1)
+        dist = d.abs().amax(1) if self.norm == "Linf" else d.norm(dim=1)
+        return (dist <= self.eps * (1 + 1e-5)) & (cand.flatten(1).amin(1) >= 0) & (cand.flatten(1).amax(1) <= 1)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+        best, best_score, source = x.clone(), torch.full((len(x),), -float("inf"), device=x.device), [""] * len(x)
+        for name, run in self.attacks:
+            for cand in run(x, y):
+                s = self.score(cand, y)
+                better = (s > best_score) & self.inside(cand, x)
+                best[better], best_score[better] = cand[better].to(best.dtype), s[better]
+                for i in better.nonzero().flatten().tolist():
+                    source[i] = name
+        return best, source
+
+
+# --- candidates of torchattacks' AutoAttack components, without their keep-only-if-fooled filter -------------
+
+def _apgd_best(attack):
+    """APGD(-DLR) in best-loss mode: the highest-loss point of the run for every example."""
+    return lambda x, y: [attack.perturb(x, y, best_loss=True)[1]]
+
+
+def _apgdt_best(attack):
+    """APGD-T: the highest-loss point against each target class."""
+    def run(x, y):
+        torch.manual_seed(attack.seed)
+        out = []
+        for target in range(2, attack.n_target_classes + 2):
+            attack.target_class = target
+            out.append(attack.attack_single_run(x, y)[0])
+        return out
+    return run
+
+
+def _fab_points(attack):
+    """FAB-T: the boundary point it found against each target class (the input where it found none)."""
+    def run(x, y):
+        torch.manual_seed(attack.seed)
+        out = []
+        with torch.no_grad():
+            for target in range(2, attack.n_target_classes + 2):
+                attack.target_class = target
+                out.append(attack.attack_single_run_targeted(x, y))
+        return out
+    return run
+
+
+def _square_best(attack):
+    """Square: the lowest-margin point of the search for every example."""
+    def run(x, y):
+        attack.init_hyperparam(x)
+        torch.manual_seed(attack.seed)
+        with torch.no_grad():
+            return [attack.attack_single_run(x, y)[1]]
+    return run
+
+
+def _targets(ctx: AttackContext) -> int:
+    """torchattacks' n_classes for APGD-T / FAB-T: it attacks n_classes - 1 targets, so 10 gives AutoAttack's 9."""
+    return min(ctx.n_classes, AA_TARGETS + 1)
+
+
+def _square(model, ctx: AttackContext):
+    return torchattacks.Square(model, norm=ctx.norm, eps=ctx.eps, n_queries=ctx.queries, n_restarts=1, p_init=0.8,
+                               seed=ctx.seed)
+
+
+def _autoattack_parts(model, ctx: AttackContext) -> list[tuple[str, object]]:
     ta = torchattacks
-    if name == "pgd":
-        cls = ta.PGD if norm == "Linf" else ta.PGDL2
-        return cls(model, eps=eps, alpha=2.5 * eps / steps, steps=steps, random_start=True)
-    if name in ("pgd-eot", "bpda-eot", "transfer"):
-        return EOTPGD(model, norm, eps, steps, eot=eot, seed=seed)
-    if name == "cw":
-        return EOTPGD(model, norm, eps, steps, eot=eot, loss="margin", seed=seed)
-    if name == "mim":
-        return ta.MIFGSM(model, eps=eps, alpha=eps / steps, steps=steps, decay=1.0)
-    if name == "fgsm":
-        return ta.FGSM(model, eps=eps)
-    if name == "square":
-        return ta.Square(model, norm=norm, eps=eps, n_queries=queries, n_restarts=1, p_init=0.8, seed=seed)
-    if name == "autoattack":
-        return Composed(model, [
-            ("apgd-ce", ta.APGD(model, norm=norm, eps=eps, steps=steps, n_restarts=1, loss="ce", seed=seed)),
-            ("apgd-t", ta.APGDT(model, norm=norm, eps=eps, steps=steps, n_restarts=1, n_classes=n_classes,
-                                seed=seed)),
-            ("fab-t", ta.FAB(model, norm=norm, eps=eps, steps=steps, n_restarts=1, multi_targeted=True,
-                             n_classes=n_classes, seed=seed)),
-            ("square", ta.Square(model, norm=norm, eps=eps, n_queries=queries, n_restarts=1, p_init=0.8,
-                                 seed=seed)),
-        ])
-    # autoattack-rand
-    return Composed(model, [
-        ("apgd-ce", ta.APGD(model, norm=norm, eps=eps, steps=steps, loss="ce", eot_iter=eot, seed=seed)),
-        ("apgd-dlr", ta.APGD(model, norm=norm, eps=eps, steps=steps, loss="dlr", eot_iter=eot, seed=seed)),
-    ])
+    return [("apgd-ce", ta.APGD(model, norm=ctx.norm, eps=ctx.eps, steps=ctx.steps, n_restarts=1, loss="ce",
+                                seed=ctx.seed)),
+            ("apgd-t", ta.APGDT(model, norm=ctx.norm, eps=ctx.eps, steps=ctx.steps, n_restarts=1,
+                                n_classes=_targets(ctx), seed=ctx.seed)),
+            ("fab-t", ta.FAB(model, norm=ctx.norm, eps=ctx.eps, steps=ctx.steps, n_restarts=1, multi_targeted=True,
+                             n_classes=_targets(ctx), seed=ctx.seed)),
+            ("square", _square(model, ctx))]
+
+
+def build_autoattack(model, ctx: AttackContext):
+    """AutoAttack (Croce & Hein, 2020): APGD-CE, APGD-T, FAB-T (9 targets), Square, composed as the original,
+    at `steps` (100) per gradient attack (torchattacks' own AutoAttack runs 10); on a stochastic defense each
+    example keeps its strongest candidate (`Strongest`)."""
+    parts = _autoattack_parts(model, ctx)
+    if not ctx.stochastic:
+        return Composed(model, parts)
+    wrap = {"apgd-ce": _apgd_best, "apgd-t": _apgdt_best, "fab-t": _fab_points, "square": _square_best}
+    return Strongest(model, [(name, wrap[name](a)) for name, a in parts], ctx.norm, ctx.eps, draws=ctx.eot)
+
+
+def build_autoattack_rand(model, ctx: AttackContext):
+    """AutoAttack's version for randomized defenses: APGD-CE and APGD-DLR with EOT over `eot` passes per step."""
+    parts = [(f"apgd-{loss}", torchattacks.APGD(model, norm=ctx.norm, eps=ctx.eps, steps=ctx.steps, loss=loss,
+                                                eot_iter=ctx.eot, seed=ctx.seed)) for loss in ("ce", "dlr")]
+    if not ctx.stochastic:
+        return Composed(model, parts)
+    return Strongest(model, [(name, _apgd_best(a)) for name, a in parts], ctx.norm, ctx.eps, draws=ctx.eot)
+
+
+def build_square(model, ctx: AttackContext):
+    """Square (Andriushchenko et al., 2020), margin loss; on a stochastic defense, its lowest-margin point."""
+    attack = _square(model, ctx)
+    if not ctx.stochastic:
+        return attack
+    return Strongest(model, [("square", _square_best(attack))], ctx.norm, ctx.eps, draws=ctx.eot)
+
+
+def build_pgd(model, ctx: AttackContext):
+    cls = torchattacks.PGD if ctx.norm == "Linf" else torchattacks.PGDL2
+    return cls(model, eps=ctx.eps, alpha=2.5 * ctx.eps / ctx.steps, steps=ctx.steps, random_start=True)
+
+
+def build_eotpgd(model, ctx: AttackContext, loss: str = "ce"):
+    return EOTPGD(model, ctx.norm, ctx.eps, ctx.steps, eot=ctx.eot, loss=loss, seed=ctx.seed)
+
+
+def bpda_target(model: Defended, transfer_source=None) -> nn.Module:
+    return Defended(BPDA(model.purifier), model.classifier, model.votes)
+
+
+def transfer_target(model, transfer_source) -> nn.Module:
+    return transfer_source
+
+
+for _spec in (
+    AttackSpec("pgd", 100, True, build_pgd, lambda c: f"{c.steps} steps, step 2.5 eps/{c.steps}, random start"),
+    AttackSpec("pgd-eot", 100, True, build_eotpgd,
+               lambda c: f"{c.steps} steps x EOT {c.eot}, full gradient through every purifier step"),
+    AttackSpec("bpda-eot", 100, True, build_eotpgd,
+               lambda c: f"{c.steps} steps x EOT {c.eot}, identity backward through the purifier",
+               needs_purifier=True, target=bpda_target),
+    AttackSpec("transfer", 100, False, build_eotpgd,
+               lambda c: f"pgd-eot on the source defense, {c.steps} steps x EOT {c.eot}", target=transfer_target),
+    AttackSpec("cw", 100, True, lambda m, c: build_eotpgd(m, c, "margin"),
+               lambda c: f"{c.steps} steps on the CW margin loss"),
+    AttackSpec("mim", 10, True, lambda m, c: torchattacks.MIFGSM(m, eps=c.eps, alpha=c.eps / c.steps,
+                                                                 steps=c.steps, decay=1.0),
+               lambda c: f"{c.steps} steps, decay 1.0", norms=("Linf",)),
+    AttackSpec("fgsm", 1, True, lambda m, c: torchattacks.FGSM(m, eps=c.eps), lambda c: "one step", norms=("Linf",)),
+    AttackSpec("autoattack", 100, True, build_autoattack,
+               lambda c: f"APGD-CE, APGD-T, FAB-T {c.steps} steps each ({min(c.n_classes - 1, AA_TARGETS)} targets), "
+                         f"Square {c.queries} queries" + (", strongest candidate per example over EOT "
+                                                          f"{c.eot}" if c.stochastic else "")),
+    AttackSpec("autoattack-rand", 100, True, build_autoattack_rand,
+               lambda c: f"APGD-CE, APGD-DLR {c.steps} steps x EOT {c.eot}" + (
+                   ", strongest candidate per example" if c.stochastic else "")),
+    AttackSpec("square", 0, False, build_square, lambda c: f"{c.queries} queries"),
+):
+    register_attack(_spec)
+
+
+def build_attack(name: str, model: nn.Module, norm: str, eps: float, *, n_classes: int, seed: int = 0,
+                 eot: int = 1, steps: int | None = None, queries: int = 5000, stochastic: bool = False):
+    """The named attack on `model` ([0, 1] in, logits out): a callable (x, y) -> x_adv or (x_adv, source)."""
+    spec = check_attack(name, norm)
+    ctx = AttackContext(norm, eps, steps or spec.steps, n_classes, seed, eot, queries, stochastic)
+    return spec.build(model, ctx)

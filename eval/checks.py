@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .attacks import WHITE_BOX
+from .attacks import ATTACKS
 
 MEANINGS = {
     "robust-above-clean": "An attack left more examples correct than no attack at all: it is not finding "
@@ -23,12 +23,21 @@ MEANINGS = {
                              "frozen, so one fixed function is being evaluated, not the stochastic defense.",
     "purifier-not-reproducible": "The purifier gave different outputs under the same seed: it draws noise from "
                                  "the global RNG, which attacks such as APGD and Square reseed.",
+    "suite-above-simpler-attack": "An attack suite left more examples correct than a simpler attack in it or beside "
+                                  "it (PGD, PGD-EOT) on the same defense: on a deterministic model the suite is "
+                                  "misused (wrong loss, too few steps, a wrapper that hides the gradient); on a "
+                                  "stochastic one its attacks follow single noisy draws and it needs EOT: use "
+                                  "autoattack-rand, and report the stronger number.",
 }
+SUITES = ("autoattack", "autoattack-rand")
+SIMPLER = ("pgd", "pgd-eot")
 
 
-def tolerance(base: float, accuracy: float, n: int, stochastic: bool) -> float:
-    """Slack before a flag: `base`, plus two standard errors of a proportion when the defense is random."""
-    return base + (2 * math.sqrt(max(accuracy * (1 - accuracy), 1 / n) / n) if stochastic else 0.0)
+def tolerance(base: float, accuracy: float, n: int, stochastic: bool, two_sample: bool = False) -> float:
+    """Slack before a flag: `base`, plus, when the defense is random, two standard errors of a proportion over
+    `n` examples (of the difference of two independent evaluations when `two_sample`)."""
+    se = math.sqrt(max(accuracy * (1 - accuracy), 1 / n) / n) * (math.sqrt(2) if two_sample else 1.0)
+    return base + (2 * se if stochastic else 0.0)
 
 
 def flag(name: str, raised: bool | None, detail: str) -> dict:
@@ -50,32 +59,24 @@ def seed_checks(purifier, x: torch.Tensor, seed: int) -> list[dict]:
                  f"{same:.3g}")]
 
 
-def accuracy_checks(clean: float, attacks: dict, sweep: list | None, doubled: dict | None, n: int, chance: float,
-                    base_tol: float, stochastic: bool) -> list[dict]:
-    """Flags from the aggregated accuracies (averages over evaluations)."""
-    tol = lambda acc: tolerance(base_tol, acc, n, stochastic)  # noqa: E731
+def accuracy_checks(clean: float, attacks: dict, sweep: list[dict] | None, doubled: dict | None, n: int,
+                    chance: float, base_tol: float, stochastic: bool, large: float) -> list[dict]:
+    """Flags from the aggregated accuracies (averages over evaluations); each uses its own sample size."""
+    def tol(acc, m=n, two=False):
+        return tolerance(base_tol, acc, m, stochastic, two)
+
     flags = []
     above = {k: v["average"] for k, v in attacks.items() if v["average"] > clean + tol(clean)}
     flags.append(flag("robust-above-clean", bool(above) if attacks else None,
                       f"clean {clean:.3f}; " + (", ".join(f"{k} {v:.3f}" for k, v in above.items()) or
                                                 "every attack at or below clean")))
-    if sweep:
-        rises = [(e0, a0, e1, a1) for (e0, a0), (e1, a1) in zip(sweep, sweep[1:]) if a1 > a0 + tol(a0)]
-        flags.append(flag("accuracy-rises-with-epsilon", bool(rises),
-                          "; ".join(f"eps {e0:g}: {a0:.3f} -> eps {e1:g}: {a1:.3f}" for e0, a0, e1, a1 in rises)
-                          or "accuracy falls or stays as epsilon grows"))
-        eps_max, acc_max = sweep[-1]
-        flags.append(flag("large-eps-not-chance", acc_max > chance + 0.1 + tol(acc_max),
-                          f"eps {eps_max:g}: accuracy {acc_max:.3f} (chance {chance:.3f})"))
-    else:
-        flags.append(flag("accuracy-rises-with-epsilon", None, "no epsilon sweep was run"))
-        flags.append(flag("large-eps-not-chance", None, "no epsilon sweep was run"))
-    white = {k: v["average"] for k, v in attacks.items() if k in WHITE_BOX and k != "autoattack"}
+    flags += _sweep_checks(sorted(sweep or [], key=lambda p: p["eps"]), chance, large, tol)
+    white = {k: v["average"] for k, v in attacks.items() if ATTACKS[k].white_box and k not in SUITES}
     square = attacks.get("square", {}).get("average")
     by_square = attacks["autoattack"].get("broken_by", {}).get("square", 0.0) if "autoattack" in attacks else None
     if square is not None and white:
         best = min(white, key=white.get)
-        flags.append(flag("square-beats-white-box", square < white[best] - tol(white[best]),
+        flags.append(flag("square-beats-white-box", square < white[best] - tol(white[best], two=True),
                           f"square {square:.3f} vs best white-box {best} {white[best]:.3f}"))
     elif by_square is not None:
         flags.append(flag("square-beats-white-box", by_square > tol(0.0),
@@ -84,9 +85,47 @@ def accuracy_checks(clean: float, attacks: dict, sweep: list | None, doubled: di
     else:
         flags.append(flag("square-beats-white-box", None, "neither square nor autoattack was run"))
     if doubled:
-        flags.append(flag("more-steps-change-result", doubled["doubled"] < doubled["base"] - tol(doubled["base"]),
-                          f"{doubled['attack']}: {doubled['base']:.3f} at {doubled['steps']} steps, "
-                          f"{doubled['doubled']:.3f} at {2 * doubled['steps']}"))
+        m, base = doubled["examples"], doubled["base"]
+        flags.append(flag("more-steps-change-result", doubled["doubled"] < base - tol(base, m, two=True),
+                          f"{doubled['attack']}: {base:.3f} at {doubled['steps']} steps, "
+                          f"{doubled['doubled']:.3f} at {2 * doubled['steps']} ({m} examples)"))
     else:
         flags.append(flag("more-steps-change-result", None, "the doubled-steps check was not run"))
+    flags.append(_suite_check(attacks, stochastic, lambda acc: tol(acc, two=True)))
     return flags
+
+
+def _sweep_checks(sweep: list[dict], chance: float, large: float, tol) -> list[dict]:
+    """Accuracy must not rise with epsilon; at an epsilon of at least `large` it must reach chance."""
+    if not sweep:
+        return [flag("accuracy-rises-with-epsilon", None, "no epsilon sweep was run"),
+                flag("large-eps-not-chance", None, "no epsilon sweep was run")]
+    rises = [(p, q) for p, q in zip(sweep, sweep[1:])
+             if q["accuracy"] > p["accuracy"] + tol(p["accuracy"], min(p["examples"], q["examples"]), True)]
+    out = [flag("accuracy-rises-with-epsilon", bool(rises),
+                "; ".join(f"eps {p['eps']:g}: {p['accuracy']:.3f} -> eps {q['eps']:g}: {q['accuracy']:.3f}"
+                          for p, q in rises) or "accuracy falls or stays as epsilon grows")]
+    big = [p for p in sweep if p["eps"] >= large - 1e-9]
+    if not big:
+        out.append(flag("large-eps-not-chance", None, f"the sweep stops at eps {sweep[-1]['eps']:g}, below the "
+                                                      f"large epsilon {large:g} that must reach chance"))
+    else:
+        p = big[-1]
+        out.append(flag("large-eps-not-chance", p["accuracy"] > chance + 0.1 + tol(p["accuracy"], p["examples"]),
+                        f"eps {p['eps']:g}: accuracy {p['accuracy']:.3f} (chance {chance:.3f}, "
+                        f"{p['examples']} examples)"))
+    return out
+
+
+def _suite_check(attacks: dict, stochastic: bool, tol) -> dict:
+    """An attack suite must not score above a simpler attack on the same defense."""
+    simpler = {k: attacks[k]["average"] for k in SIMPLER if k in attacks}
+    suites = {k: attacks[k]["average"] for k in SUITES if k in attacks}
+    if not simpler or not suites:
+        return flag("suite-above-simpler-attack", None, "no attack suite beside pgd or pgd-eot was run")
+    best = min(simpler, key=simpler.get)
+    above = {k: v for k, v in suites.items() if v > simpler[best] + tol(simpler[best])}
+    why = ("the defense is stochastic: the suite needs EOT (autoattack-rand) and the stronger number is the one "
+           "to report" if stochastic else "the model is deterministic: the suite is misused")
+    detail = ", ".join(f"{k} {v:.3f}" for k, v in suites.items()) + f" vs {best} {simpler[best]:.3f}"
+    return flag("suite-above-simpler-attack", bool(above), detail + (f"; {why}" if above else ""))

@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from core.io import atomic_save_tensors, atomic_write_json, read_json
 from core.training import make_accelerator
 
-from .attacks import (ATTACKS, BPDA, NEEDS_PURIFIER, STEPS, build_attack, check_attack, large_eps, preset_eps)
+from .attacks import ATTACKS, AttackContext, build_attack, check_attack, large_eps, preset_eps
+from .budget import Budget, with_changes
 from .checks import accuracy_checks, seed_checks
 from .defended import Defended
 
@@ -76,12 +77,8 @@ class _Runner:
         self.grad_checkpoint = grad_checkpoint
 
     def target(self, attack: str) -> nn.Module:
-        if attack == "bpda-eot":
-            m = self.model
-            return Defended(BPDA(m.purifier), m.classifier, m.votes)
-        if attack == "transfer":
-            return self.transfer_source
-        return self.model
+        spec = ATTACKS[attack]
+        return spec.target(self.model, self.transfer_source) if spec.target else self.model
 
     def __call__(self, job: Job, batch: int) -> dict:
         sl = slice(batch * self.batch_size, (batch + 1) * self.batch_size)
@@ -96,8 +93,10 @@ class _Runner:
         if job.attack is None:
             x_adv = x
         else:
-            attack = build_attack(job.attack, self.target(job.attack), self.norm, job.eps, n_classes=self.n_classes,
-                                  seed=s, eot=self.eot, steps=job.steps, queries=self.queries)
+            target = self.target(job.attack)
+            attack = build_attack(job.attack, target, self.norm, job.eps, n_classes=self.n_classes, seed=s,
+                                  eot=self.eot, steps=job.steps, queries=self.queries,
+                                  stochastic=purifier_of(target) is not None)
             with self.checkpointing(job.attack):
                 out = attack(x, y)
             x_adv, broken = out if isinstance(out, tuple) else (out, None)
@@ -105,6 +104,9 @@ class _Runner:
             self.purifier.manual_seed(s + 1)  # score with noise the attacker did not see
         with torch.no_grad():
             correct = (self.model(x_adv).argmax(1) == y).tolist()
+        if broken is not None and self.purifier is not None:
+            # a stochastic row counts what the scoring breaks, credited to the sub-attack whose candidate it was
+            broken = ["" if ok else (who or "clean") for ok, who in zip(correct, broken)]
         if batch == 0 and job.attack is not None and self.samples_dir is not None:
             atomic_save_tensors({"adversarial": x_adv[:8].detach().cpu().contiguous()},
                                 self.samples_dir / f"{job.key.replace('/', '_')}.safetensors")
@@ -116,7 +118,7 @@ class _Runner:
     @contextlib.contextmanager
     def checkpointing(self, attack: str):
         """Gradient checkpointing through long purifiers while a full-gradient attack runs on them."""
-        p = purifier_of(self.target(attack)) if attack != "bpda-eot" else None
+        p = purifier_of(self.target(attack)) if not ATTACKS[attack].needs_purifier else None
         on = p is not None and hasattr(p, "set_grad_checkpoint") and (
             self.grad_checkpoint is True or (self.grad_checkpoint == "auto" and getattr(p, "nfe", 0) > 8))
         if on:
@@ -128,51 +130,51 @@ class _Runner:
                 p.set_grad_checkpoint(False)
 
 
-def plan(attacks, R: int, stochastic: bool, eps: float, steps: dict, sweep_eps, sweep_n, check_steps: bool,
-         check_n) -> tuple[list[Job], dict]:
-    """The jobs of one evaluation (R evaluations of each attack) and the attacks skipped, with the reason."""
+def plan(b: Budget, R: int, stochastic: bool, eps: float, n: int) -> tuple[list[Job], dict]:
+    """The jobs of one evaluation (R evaluations of each attack, the epsilon sweep in increasing order, the
+    doubled-steps rerun) and the attacks skipped, with the reason."""
     jobs = [Job(f"clean/{r}", None, eps, None, r) for r in range(R)]
     skipped = {}
-    for a in attacks:
-        if a in NEEDS_PURIFIER and not stochastic:
+    for a in b.attacks:
+        if ATTACKS[a].needs_purifier and not stochastic:
             skipped[a] = "needs a purifier in front of the classifier"
             continue
-        jobs += [Job(f"{a}/{r}", a, eps, steps.get(a), r) for r in range(R)]
-    primary = next((a for a in (("pgd-eot", "pgd") if stochastic else ("pgd", "pgd-eot")) if a in attacks), None)
-    if primary and sweep_eps:
-        jobs += [Job(f"sweep/{primary}/{e:g}", primary, float(e), steps.get(primary), 0, sweep_n)
-                 for e in sweep_eps]
-    if primary and check_steps:
-        base = steps.get(primary) or STEPS[primary]
-        jobs.append(Job(f"check/{primary}/x2", primary, eps, 2 * base, 0, check_n))
+        jobs += [Job(f"{a}/{r}", a, eps, b.steps.get(a), r) for r in range(R)]
+    primary = next((a for a in (("pgd-eot", "pgd") if stochastic else ("pgd", "pgd-eot")) if a in b.attacks), None)
+    if primary and b.sweep_eps:
+        jobs += [Job(f"sweep/{primary}/{e:g}", primary, float(e), b.steps.get(primary), 0, min(b.sweep_n or n, n))
+                 for e in sorted(set(b.sweep_eps))]
+    if primary and b.check_steps:
+        base = b.steps.get(primary) or ATTACKS[primary].steps
+        jobs.append(Job(f"check/{primary}/x2", primary, eps, 2 * base, 0, min(b.check_n or n, n)))
     return jobs, skipped
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks=("pgd",), evals: int = 1, *,
-             norm: str = "Linf", eps: float | None = None, dataset: str | None = None, eot: int = 20,
-             steps: dict | None = None, queries: int = 5000, batch_size: int = 64, seed: int = 0,
-             sweep_eps=None, sweep_n: int | None = None, check_steps: bool = True, check_n: int | None = None,
-             tolerance: float = 0.02, transfer_source: nn.Module | None = None, grad_checkpoint="auto",
-             out: str | Path | None = None, accelerator=None, progress: str | None = "eval") -> dict:
-    """Clean and robust accuracy of `model` on (x, y) under each named attack; see eval.attacks for the names.
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks=None, *, budget: Budget | None = None,
+             norm: str = "Linf", eps: float | None = None, dataset: str | None = None,
+             transfer_source: nn.Module | None = None, grad_checkpoint="auto", out: str | Path | None = None,
+             accelerator=None, progress: str | None = "eval", **changes) -> dict:
+    """Clean and robust accuracy of `model` on (x, y) under each named attack (see `eval.attacks.ATTACKS`).
 
-    A model with a purifier (`eval.Defended`) is evaluated `evals` times with fresh randomness (attack and
-    purifier): the report gives the average robust accuracy and the worst case (an example counts as robust
-    only if it survives every evaluation). `out`: a folder for per-example records, resumed when present."""
-    steps = dict(steps or {})
+    The budget is `budget` (an `eval.Budget`) with `attacks` and any of its fields given by name on top
+    (`evals=3, eot=4, steps={"pgd-eot": 50}`). A model with a purifier (`eval.Defended`) is evaluated `evals`
+    times with fresh randomness (attack and purifier): the report gives the average robust accuracy and the
+    worst case (an example counts as robust only if it survives every evaluation). `out`: a folder for
+    per-example records, resumed when present. Any memory layout of `x` or of the model gives the same result."""
+    b = with_changes(budget or Budget(), {**({"attacks": list(attacks)} if attacks is not None else {}), **changes})
     eps = eps if eps is not None else preset_eps(dataset or "", norm)
-    for a in attacks:
+    for a in b.attacks:
         check_attack(a, norm)
-    unknown = sorted(set(steps) - set(ATTACKS))
+    unknown = sorted(set(b.steps) - set(ATTACKS))
     if unknown:
         raise ValueError(f"steps given for unknown attack(s) {', '.join(unknown)}; known: {', '.join(ATTACKS)}")
-    if "transfer" in attacks and transfer_source is None:
+    if "transfer" in b.attacks and transfer_source is None:
         raise ValueError("the transfer attack needs transfer_source (the defense to craft the examples on)")
     if x.dim() != 4 or len(x) != len(y) or len(x) == 0:
         raise ValueError(f"expected a non-empty NCHW batch and as many labels, got {tuple(x.shape)} and "
                          f"{tuple(y.shape)}")
-    if evals < 1:
-        raise ValueError(f"evals must be at least 1, got {evals}")
+    if b.evals < 1:
+        raise ValueError(f"evals must be at least 1, got {b.evals}")
     if x.min() < 0 or x.max() > 1:
         raise ValueError(f"images must be in [0, 1], got [{x.min().item():.3g}, {x.max().item():.3g}]")
     acc = accelerator or make_accelerator()
@@ -180,20 +182,21 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks=("pgd",
     model = model.to(device).eval().requires_grad_(False)
     if transfer_source is not None:
         transfer_source = transfer_source.to(device).eval().requires_grad_(False)
-    x, y = x.to(device), y.to(device)
+    # one standard layout: a permuted (HWC-built) or channels-last batch must not reach attacks that .view() it
+    x, y = x.to(device).contiguous(), y.to(device)
     n = len(y)
     purifier = purifier_of(model)
     stochastic = purifier is not None
     with torch.no_grad():
         n_classes = model(x[:2]).shape[1]
 
-    R, eot = (evals, eot) if stochastic else (1, 1)  # a deterministic model: one evaluation, no EOT
-    flags = seed_checks(purifier, x[:min(16, n)], seed) if stochastic else []
-    jobs, skipped = plan(attacks, R, stochastic, eps, steps, sweep_eps, sweep_n or n, check_steps, check_n or n)
+    R, eot = (b.evals, b.eot) if stochastic else (1, 1)  # a deterministic model: one evaluation, no EOT
+    flags = seed_checks(purifier, x[:min(16, n)], b.seed) if stochastic else []
+    jobs, skipped = plan(b, R, stochastic, eps, n)
     out = Path(out) if out is not None else None
     log = out / "examples.jsonl" if out is not None else None
     settings = {"examples": n, "labels": zlib.crc32(y.cpu().numpy().tobytes()), "norm": norm, "eps": eps,
-                "eot": eot, "queries": queries, "batch_size": batch_size, "seed": seed,
+                "eot": eot, "queries": b.queries, "batch_size": b.batch_size, "seed": b.seed,
                 "jobs": [[j.key, j.eps, j.steps, j.n] for j in jobs]}
     if out is not None:
         _check_settings(out / "settings.json", settings, acc)
@@ -201,10 +204,10 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks=("pgd",
     if samples is not None and acc.is_main_process:
         samples.mkdir(parents=True, exist_ok=True)
     records = _read_records(log)
-    items = [(j, b) for j in jobs for b in range(n_batches(j, n, batch_size)) if (j.key, b) not in records]
-    runner = _Runner(model, x, y, norm=norm, n_classes=n_classes, seed=seed, eot=eot,
-                     queries=queries, batch_size=batch_size, grad_checkpoint=grad_checkpoint,
-                     transfer_source=transfer_source, samples_dir=samples)
+    items = [(j, i) for j in jobs for i in range(n_batches(j, n, b.batch_size)) if (j.key, i) not in records]
+    runner = _Runner(model, x, y, norm=norm, n_classes=n_classes, seed=b.seed, eot=eot, queries=b.queries,
+                     batch_size=b.batch_size, grad_checkpoint=grad_checkpoint, transfer_source=transfer_source,
+                     samples_dir=samples)
     world, rank = acc.num_processes, acc.process_index
     bar = tqdm(total=len(items), desc=progress, disable=progress is None or not acc.is_main_process)
     for start in range(0, len(items), world):
@@ -218,13 +221,13 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks=("pgd",
             records[r["key"], r["batch"]] = r
         bar.update(len(got))
     bar.close()
-    names = [a for a in attacks if a not in skipped]
-    result = summarize(names, R, jobs, records, y.cpu(), n, batch_size, stochastic, chance=1 / n_classes,
-                       tolerance=tolerance, flags=flags)
-    result.update(threat={"norm": norm, "eps": eps, "large_eps": large_eps(norm, x.shape[1:])},
-                  budgets=budgets(names, steps, eot, queries), skipped=skipped, evals=R, stochastic=stochastic,
-                  examples=n,
-                  nfe=getattr(purifier, "nfe", 0), chance=1 / n_classes)
+    names = [a for a in b.attacks if a not in skipped]
+    big = large_eps(norm, x.shape[1:])
+    result = summarize(names, R, jobs, records, y.cpu(), n, b.batch_size, stochastic, chance=1 / n_classes,
+                       tolerance=b.tolerance, flags=flags, large=big)
+    result.update(threat={"norm": norm, "eps": eps, "large_eps": big},
+                  budgets=budgets(names, b, eot, n_classes, stochastic), skipped=skipped, evals=R,
+                  stochastic=stochastic, examples=n, nfe=getattr(purifier, "nfe", 0), chance=1 / n_classes)
     return result
 
 
@@ -250,32 +253,21 @@ def _gather(acc, rec):
     return gather_object([rec])
 
 
-def budgets(attacks, steps: dict, eot: int, queries: int) -> dict:
+def budgets(attacks, b: Budget, eot: int, n_classes: int, stochastic: bool) -> dict:
     """What each attack was allowed, in words a reader can check."""
-    out = {}
-    for a in attacks:
-        k = steps.get(a) or STEPS[a]
-        out[a] = {"pgd": f"{k} steps, step 2.5 eps/{k}, random start",
-                  "pgd-eot": f"{k} steps x EOT {eot}, full gradient through every purifier step",
-                  "bpda-eot": f"{k} steps x EOT {eot}, identity backward through the purifier",
-                  "transfer": f"pgd-eot on the source defense, {k} steps x EOT {eot}",
-                  "cw": f"{k} steps on the CW margin loss",
-                  "mim": f"{k} steps, decay 1.0",
-                  "fgsm": "one step",
-                  "square": f"{queries} queries",
-                  "autoattack": f"APGD-CE, APGD-T, FAB-T {k} steps each, Square {queries} queries",
-                  "autoattack-rand": f"APGD-CE, APGD-DLR {k} steps x EOT {eot}"}[a]
-    return out
+    return {a: ATTACKS[a].budget(AttackContext("", 0.0, b.steps.get(a) or ATTACKS[a].steps, n_classes, b.seed, eot,
+                                               b.queries, stochastic)) for a in attacks}
 
 
-def summarize(names, R, jobs, records, y, n, batch_size, stochastic, chance, tolerance, flags) -> dict:
+def summarize(names, R, jobs, records, y, n, batch_size, stochastic, chance, tolerance, flags, large) -> dict:
     """Aggregate per-example records into the report: averages, worst cases, per-example results, flags."""
     by_key = {j.key: j for j in jobs}
 
     def collect(key: str, field: str = "correct") -> list:
-        """A job's per-example values, its batches in order."""
-        recs = [records[key, b] for b in range(n_batches(by_key[key], n, batch_size))]
-        return [v for rec in recs for v in rec.get(field, [])]
+        """A job's per-example values over exactly its examples (its last batch may run past them)."""
+        job = by_key[key]
+        recs = [records[key, i] for i in range(n_batches(job, n, batch_size))]
+        return [v for rec in recs for v in rec.get(field, [])][:min(job.n or n, n)]
 
     def matrix(name: str) -> torch.Tensor:
         return torch.tensor([collect(f"{name}/{r}") for r in range(R)], dtype=torch.bool)
@@ -286,7 +278,7 @@ def summarize(names, R, jobs, records, y, n, batch_size, stochastic, chance, tol
 
     def seconds(name: str) -> float:
         keys = [f"{name}/{r}" for r in range(R)]
-        return sum(records[k, b]["seconds"] for k in keys for b in range(n_batches(by_key[k], n, batch_size)))
+        return sum(records[k, i]["seconds"] for k in keys for i in range(n_batches(by_key[k], n, batch_size)))
 
     clean_m = matrix("clean")
     attacks, mats = {}, {}
@@ -296,7 +288,8 @@ def summarize(names, R, jobs, records, y, n, batch_size, stochastic, chance, tol
         broken = [v for r in range(R) for v in collect(f"{name}/{r}", "broken_by")]
         if broken:
             attacks[name]["broken_by"] = {k: broken.count(k) / (R * n) for k in dict.fromkeys(broken) if k}
-    sweep = [(j.eps, sum(c) / len(c)) for j in jobs if j.key.startswith("sweep/") for c in [collect(j.key)]]
+    sweep = [{"eps": j.eps, "accuracy": sum(c) / len(c), "examples": len(c)}
+             for j in jobs if j.key.startswith("sweep/") for c in [collect(j.key)]]
     doubled = None
     for j in jobs:
         if j.key.startswith("check/"):
@@ -305,10 +298,11 @@ def summarize(names, R, jobs, records, y, n, batch_size, stochastic, chance, tol
             doubled = {"attack": j.attack, "steps": j.steps // 2, "base": sum(c1) / len(c1),
                        "doubled": sum(c2) / len(c2), "examples": len(c2)}
     clean = stats(clean_m)
-    flags = flags + accuracy_checks(clean["average"], attacks, sweep, doubled, n, chance, tolerance, stochastic)
-    worst_all = torch.stack(list(mats.values())).all(0).all(0).float().mean().item() if mats else None
+    flags = flags + accuracy_checks(clean["average"], attacks, sweep, doubled, n, chance, tolerance,
+                                    stochastic, large)
+    # robust to all attacks: correct in every clean evaluation and under every attack in every evaluation
+    worst_all = torch.stack([clean_m, *mats.values()]).all(0).all(0).float().mean().item() if mats else None
     per_example = {"label": y.tolist(), "clean": clean_m.T.tolist(), **{k: m.T.tolist() for k, m in mats.items()}}
-    return {"clean": clean, "attacks": attacks, "worst_over_attacks": worst_all,
-            "sweep": [{"eps": e, "accuracy": a} for e, a in sweep], "doubled_steps": doubled, "flags": flags,
-            "raised": [f["name"] for f in flags if f["raised"]], "per_example": per_example,
-            "seconds": {name: seconds(name) for name in [*names, "clean"]}}
+    return {"clean": clean, "attacks": attacks, "worst_over_attacks": worst_all, "sweep": sweep,
+            "doubled_steps": doubled, "flags": flags, "raised": [f["name"] for f in flags if f["raised"]],
+            "per_example": per_example, "seconds": {name: seconds(name) for name in [*names, "clean"]}}

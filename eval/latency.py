@@ -137,7 +137,7 @@ def run_latency(purifier_dirs: list[str], classifier_dir: str | None, batch_size
     purifiers = {}
     for d in purifier_dirs:
         p = load_purifier(d)
-        label = f"{p.kind}-{p.nfe}"
+        label = p.label
         purifiers[label if label not in purifiers else f"{label}-{len(purifiers)}"] = p
     classifier = load_classifier(classifier_dir) if classifier_dir else None
     rows = benchmark(purifiers, classifier, batch_sizes, **kw)

@@ -34,6 +34,7 @@ from robust_data.squeeze import SqueezeConfig, train_squeeze
 from robust_data.train import TrainConfig
 
 from .attacks import preset_eps
+from .budget import Budget
 from .latency import benchmark, device_name, time_module
 from .plots import pareto_front, robust_vs_eps, robust_vs_latency, training_curves
 from .robustness import EvalConfig, run_robustness
@@ -41,24 +42,19 @@ from .robustness import EvalConfig, run_robustness
 
 @dataclass
 class HarnessBudget:
-    """How hard the quickstart attacks (reduced budgets; `python -m eval robustness` runs the full ones)."""
+    """How hard the quickstart attacks (reduced budgets; `python -m eval robustness` runs the full ones): `budget`
+    for every purified row, with `bare` and `teacher` changing fields of it for those rows."""
 
-    attacks: list[str] = field(default_factory=lambda: ["pgd", "pgd-eot", "bpda-eot"])  # behind a purifier
-    bare_attacks: list[str] = field(default_factory=lambda: ["pgd", "autoattack"])  # the bare classifiers
-    eps: float | None = None  # None: the dataset's preset (digits: Linf 0.1)
-    n: int = 64
-    evals: int = 2  # R independent evaluations of each purified classifier
-    eot: int = 2
-    steps: int = 10  # iterations of every gradient attack on a purified classifier (bare: the attack's default)
+    budget: Budget = field(default_factory=lambda: Budget(
+        attacks=["pgd", "pgd-eot", "bpda-eot"], n=64, evals=2, eot=2, steps={"pgd": 10, "pgd-eot": 10, "bpda-eot": 10},
+        sweep_eps=[0.05, 0.1, 0.2, 0.5], sweep_n=32, check_n=32))
+    bare: dict = field(default_factory=lambda: {"attacks": ["pgd", "autoattack"], "steps": {}})
     # the 100-step teacher: full gradients through it cost ~100 student steps, so BPDA only, fewer images
     teacher: dict = field(default_factory=lambda: {"n": 32, "evals": 1, "eot": 1, "attacks": ["bpda-eot"],
                                                    "steps": {"bpda-eot": 5}})
-    sweep_eps: list[float] = field(default_factory=lambda: [0.05, 0.1, 0.2, 0.5])
-    sweep_n: int = 32
+    eps: float | None = None  # None: the dataset's preset (digits: Linf 0.1)
     sweep_defenses: list[str] = field(default_factory=lambda: ["undefended", "consistency-1"])
-    check_n: int = 32  # the doubled-steps rerun (a gradient-masking check), on these defenses:
     check_defenses: list[str] = field(default_factory=lambda: ["undefended", "progressive-1", "consistency-1"])
-    batch_size: int = 64
 
 
 @dataclass
@@ -106,8 +102,9 @@ FAST = {
     "recover": {"iterations": 100},
     "relabel": {"epochs": 50},
     "distilled_train": {"epochs": 50},
-    "harness": {"n": 32, "evals": 1, "eot": 1, "steps": 5, "bare_attacks": ["pgd"], "sweep_eps": [0.1, 0.5],
-                "sweep_n": 16, "check_n": 16,
+    "harness": {"budget": {"n": 32, "evals": 1, "eot": 1, "steps": {"pgd": 5, "pgd-eot": 5, "bpda-eot": 5},
+                           "sweep_eps": [0.1, 0.5], "sweep_n": 16, "check_n": 16},
+                "bare": {"attacks": ["pgd"], "steps": {}},
                 "teacher": {"n": 16, "evals": 1, "eot": 1, "attacks": ["bpda-eot"], "steps": {"bpda-eot": 2}}},
     "latency": {"repeats": 1},
 }
@@ -133,19 +130,16 @@ def stage_configs(cfg: QuickstartConfig) -> dict:
 def eval_config(cfg: QuickstartConfig, classifier: Path, purifiers: dict[str, Path]) -> EvalConfig:
     """The harness run for one classifier: bare, then behind every purifier, at the quickstart's budget."""
     h = cfg.harness
-    def extra(label):
-        return {"sweep_eps": list(h.sweep_eps) if label in h.sweep_defenses else [],
+
+    def entry(label: str, folder, changes: dict) -> dict:
+        return {"purifier": str(folder), "label": label, **changes,
+                **({} if label in h.sweep_defenses else {"sweep_eps": []}),
                 "check_steps": label in h.check_defenses}
 
-    defenses = [{"purifier": "none", "label": "undefended", "attacks": list(h.bare_attacks), "steps": {},
-                 **extra("undefended")}]
-    for label, folder in purifiers.items():
-        d = {"purifier": str(folder), "label": label, **extra(label)}
-        defenses.append({**d, **h.teacher} if label == "teacher" else d)
+    defenses = [entry("undefended", "none", h.bare)]
+    defenses += [entry(label, folder, h.teacher if label == "teacher" else {}) for label, folder in purifiers.items()]
     return EvalConfig(dataset=cfg.dataset, data_root=cfg.data_root, classifier=str(classifier), defenses=defenses,
-                      attacks=list(h.attacks), eps=h.eps, n=h.n, evals=h.evals, eot=h.eot,
-                      steps={a: h.steps for a in h.attacks if a not in ("square", "fgsm")}, sweep_eps=[],
-                      sweep_n=h.sweep_n, check_n=h.check_n, batch_size=h.batch_size, seed=cfg.seed)
+                      eps=h.eps, budget=replace(h.budget, {"seed": cfg.seed}))
 
 
 def measure_latency(cfg: QuickstartConfig, purifiers: dict[str, Path], classifiers: dict[str, Path],
@@ -359,9 +353,8 @@ def figures(cfg: QuickstartConfig, out: Path, report: dict, evals: dict, purifie
 def _grid(cfg: QuickstartConfig, out: Path, purifiers: dict) -> None:
     """Clean test images, their adversarial versions (the standard classifier's first purified defense with saved
     samples), and what each purifier makes of the adversarial ones."""
-    h = cfg.harness
     test, _ = load_dataset(cfg.dataset, "test", root=cfg.data_root)
-    x, y = to_tensors(test, h.n, seed=cfg.seed)
+    x, y = to_tensors(test, cfg.harness.budget.n, seed=cfg.seed)
     for label in sorted(purifiers, key=lambda k: k != "consistency-1"):
         for a in ("pgd-eot", "bpda-eot", "pgd"):
             f = out / "eval" / "standard" / label / "samples" / f"{a}_0.safetensors"
@@ -383,7 +376,8 @@ def render(r: dict) -> str:
     """The report a person reads."""
     rows, st, h = r["rows"], r["stages"], r["config"]["harness"]
     present = {a for row in rows for a in row["attacks"]}
-    attacks = [a for a in dict.fromkeys(h["bare_attacks"] + h["attacks"] + sorted(present)) if a in present]
+    attacks = [a for a in dict.fromkeys(h["bare"].get("attacks", []) + h["budget"]["attacks"] + sorted(present))
+               if a in present]
     t = r["threat"]
     head = ["classifier", "defense", "NFE", "ms / image", "clean"] + attacks + ["all attacks", "flags"]
     lines = [f"# Quickstart report ({r['dataset']}{', --fast: a smoke run, not results' if r['fast'] else ''})", "",
@@ -453,7 +447,7 @@ def render(r: dict) -> str:
               "", "Seconds this run (a reused stage takes about 0): " +
               ", ".join(f"{k} {v:.0f}" for k, v in r.get("seconds", {}).items()) + ".", "",
               f"Per-classifier harness reports: `eval/<classifier>/report.md`; per-example records: "
-              f"`eval/<classifier>/<defense>/examples.jsonl`; n = {h['n']} test images per purified row.", ""]
+              f"`eval/<classifier>/<defense>/examples.jsonl`; n = {h['budget']['n']} test images per purified row.", ""]
     return "\n".join(lines)
 
 

@@ -12,9 +12,10 @@ from core.config import save_config, to_dict
 from core.datasets import load_dataset, to_tensors
 from core.io import atomic_write_json, atomic_write_text, load_tensors, read_json
 from core.training import make_accelerator, same_config_or_fail
-from purify import load_purifier
+from purify import label_of, load_purifier
 
 from .attacks import ATTACKS, NORMS, check_attack, preset_eps
+from .budget import Budget, with_changes
 from .defended import Defended
 from .harness import evaluate
 
@@ -26,43 +27,26 @@ class EvalConfig:
     dataset: str = "digits"
     data_root: str | None = None
     classifier: str = "runs/quickstart/classifier/classifier"
-    # "none" (the bare classifier), a purifier folder, or {purifier: DIR, label: ..., and any of
-    # n, evals, eot, steps, attacks, sweep_eps, sweep_n, check_steps, check_n, votes for that defense}
+    # "none" (the bare classifier), a purifier folder, or {purifier: DIR, label: ..., and any budget key for
+    # that defense (n, evals, eot, steps, attacks, sweep_eps, ...)}
     defenses: list = field(default_factory=lambda: ["none", "runs/quickstart/teacher/purifier"])
-    attacks: list[str] = field(default_factory=lambda: ["pgd", "autoattack", "pgd-eot", "bpda-eot"])
     norm: str = "Linf"
     eps: float | None = None  # None: the dataset's preset (eval.attacks.EPS_PRESETS)
-    n: int | None = 256
-    evals: int = 3  # R independent evaluations of a stochastic defense
-    eot: int = 20
-    steps: dict = field(default_factory=dict)  # per-attack step counts, e.g. {pgd-eot: 50}
-    queries: int = 5000  # Square
-    votes: int = 1
+    budget: Budget = field(default_factory=lambda: Budget(
+        attacks=["pgd", "autoattack", "pgd-eot", "bpda-eot"], n=256, evals=3, sweep_n=64, check_n=64))
     transfer_from: str | None = None  # purifier folder the transfer attack crafts on
-    sweep_eps: list[float] = field(default_factory=list)
-    sweep_n: int | None = 64
-    check_steps: bool = True
-    check_n: int | None = 64
-    tolerance: float = 0.02
     grad_checkpoint: str = "auto"  # auto: on for purifiers with more than 8 steps; "true" / "false"
-    batch_size: int = 64
-    seed: int = 0
-
-
-OVERRIDES = ("n", "evals", "eot", "steps", "attacks", "sweep_eps", "sweep_n", "check_steps", "check_n", "votes")
 
 
 def defenses(cfg: EvalConfig) -> list[dict]:
-    """Each defense as {label, purifier, settings...}, checked before any work."""
+    """Each defense as {label, purifier, budget}, checked before any work."""
     out, labels = [], set()
     for d in cfg.defenses:
         d = {"purifier": d} if isinstance(d, str) else dict(d)
-        unknown = sorted(set(d) - {"purifier", "label", *OVERRIDES})
-        if unknown:
-            raise ValueError(f"unknown key(s) {', '.join(unknown)} in a defenses entry; valid: purifier, label, "
-                             f"{', '.join(OVERRIDES)}")
         if "purifier" not in d:
             raise ValueError(f"a defenses entry needs a purifier (a folder or 'none'), got {d}")
+        changes = {k: v for k, v in d.items() if k not in ("purifier", "label")}
+        budget = with_changes(cfg.budget, changes, where="a defenses entry (besides purifier and label)")
         bare = d["purifier"] in (None, "none")
         if not bare and not Path(d["purifier"]).is_dir():
             raise FileNotFoundError(f"purifier folder {d['purifier']} does not exist")
@@ -71,35 +55,31 @@ def defenses(cfg: EvalConfig) -> list[dict]:
         while label in labels:
             label, i = f"{base}-{i}", i + 1
         labels.add(label)
-        settings = {k: d.get(k, getattr(cfg, k)) for k in OVERRIDES}
-        for a in settings["attacks"]:
+        for a in budget.attacks:
             check_attack(a, cfg.norm)
-        out.append({"label": label, "purifier": None if bare else str(d["purifier"]), **settings})
+        out.append({"label": label, "purifier": None if bare else str(d["purifier"]), "budget": budget})
     return out
 
 
 def _label(folder) -> str:
     """'consistency-1' from a purifier folder's purifier.json, else the folder's name."""
     meta = Path(folder) / "purifier.json"
-    if meta.is_file():
-        c = read_json(meta)
-        return f"{c.get('kind', 'purifier')}-{c.get('nfe', c.get('steps', ''))}"
-    return Path(folder).name
+    return label_of(read_json(meta)) if meta.is_file() else Path(folder).name
 
 
 def check(cfg: EvalConfig) -> list[dict]:
     """Everything that can be wrong with `cfg`, before any work; returns the defenses to evaluate."""
     if cfg.norm not in NORMS:
         raise ValueError(f"unknown norm {cfg.norm!r}; known: {', '.join(NORMS)}")
-    if set(cfg.steps) - set(ATTACKS):
-        raise ValueError(f"steps for unknown attack(s) {sorted(set(cfg.steps) - set(ATTACKS))}")
+    if set(cfg.budget.steps) - set(ATTACKS):
+        raise ValueError(f"steps for unknown attack(s) {sorted(set(cfg.budget.steps) - set(ATTACKS))}")
     if cfg.grad_checkpoint not in ("auto", "true", "false"):
         raise ValueError(f"grad_checkpoint must be auto, true or false, got {cfg.grad_checkpoint!r}")
     if not Path(cfg.classifier).is_dir():
         raise FileNotFoundError(f"classifier folder {cfg.classifier} does not exist (train one with "
                                 "`python -m robust_data squeeze` or `python -m eval quickstart`)")
     plan = defenses(cfg)
-    if any(a == "transfer" for d in plan for a in d["attacks"]) and not cfg.transfer_from:
+    if any(a == "transfer" for d in plan for a in d["budget"].attacks) and not cfg.transfer_from:
         raise ValueError("the transfer attack needs transfer_from: the purifier folder to craft the examples on")
     return plan
 
@@ -121,19 +101,17 @@ def run_robustness(cfg: EvalConfig, out: str | Path) -> dict:
     gc = {"auto": "auto", "true": True, "false": False}[cfg.grad_checkpoint]
     results = {}
     for i, d in enumerate(plan):
-        x, y = to_tensors(test, d["n"], seed=cfg.seed)
+        b = d["budget"]
+        x, y = to_tensors(test, b.n, seed=b.seed)
         purifier = load_purifier(d["purifier"]) if d["purifier"] else None
-        model = Defended(purifier, classifier, d["votes"])
+        model = Defended(purifier, classifier, b.votes)
         results[d["label"]] = r = evaluate(
-            model, x, y, d["attacks"], d["evals"], norm=cfg.norm, eps=eps, eot=d["eot"], steps=d["steps"],
-            queries=cfg.queries, batch_size=cfg.batch_size, seed=cfg.seed, sweep_eps=d["sweep_eps"],
-            sweep_n=d["sweep_n"], check_steps=d["check_steps"], check_n=d["check_n"], tolerance=cfg.tolerance,
-            transfer_source=transfer, grad_checkpoint=gc, out=out / d["label"], accelerator=acc,
-            progress=f"[{i + 1}/{len(plan)}] {d['label']}")
-        r.update(label=d["label"], purifier=d["purifier"], votes=d["votes"])
+            model, x, y, budget=b, norm=cfg.norm, eps=eps, transfer_source=transfer, grad_checkpoint=gc,
+            out=out / d["label"], accelerator=acc, progress=f"[{i + 1}/{len(plan)}] {d['label']}")
+        r.update(label=d["label"], purifier=d["purifier"], votes=b.votes)
         if acc.is_main_process:
             atomic_write_json(out / d["label"] / "report.json", r)
-            _grid(out / d["label"], x, purifier, d["attacks"], cfg.seed)
+            _grid(out / d["label"], x, purifier, b.attacks, b.seed)
     report = {"dataset": cfg.dataset, "classifier": cfg.classifier, "config": to_dict(cfg), "defenses": results}
     if acc.is_main_process:
         atomic_write_json(out / "report.json", report, sort_keys=False)

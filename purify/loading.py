@@ -1,31 +1,16 @@
-"""Purifier folders: save, and `load_purifier` from a saved folder, a bare diffusers UNet, or a hub id."""
+"""`load_purifier`: a saved purifier folder (any registered kind), a bare diffusers UNet folder, or a hub id."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from core.io import atomic_dir, atomic_write_json, read_json, refuse_pickle
+from core.io import read_json, refuse_pickle
 
-from .purifier import FORMAT_VERSION, DiffPure
-from .students import ConsistencyStudent, ProgressiveStudent
+from . import students  # noqa: F401 -- registers the student kinds
+from .purifier import FORMAT_VERSION, KINDS, UNET_WEIGHTS, DiffPure, register_purifier
 
-UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 OVERRIDABLE = ("t_star", "steps", "mode", "seed")
-KINDS: dict = {}  # purifier.json "kind" -> loader(folder, meta, overrides) -> Purifier
-
-
-def register_purifier(kind: str, loader) -> None:
-    """Make `load_purifier` open folders whose purifier.json says `kind`, with `loader`."""
-    KINDS[kind] = loader
-
-
-def save_purifier_folder(purifier, folder: str | Path) -> Path:
-    with atomic_dir(folder) as tmp:
-        purifier.unet.save_pretrained(tmp, safe_serialization=True)
-        atomic_write_json(tmp / "scheduler_config.json", {"_class_name": "DDPMScheduler", **purifier.schedule.config})
-        atomic_write_json(tmp / "purifier.json", purifier.config())
-    return Path(folder)
+__all__ = ["load_purifier", "register_purifier"]
 
 
 def _load_unet(folder: Path):
@@ -85,7 +70,10 @@ def load_purifier(source: str | Path, device="cpu", **overrides):
                              " (written by a newer toolkit?)")
         if meta.get("format_version", 0) > FORMAT_VERSION:
             raise ValueError(f"{folder} was written by a newer toolkit (format {meta['format_version']})")
-        return KINDS[kind](folder, meta, overrides).to(device)
+        if not (folder / "scheduler_config.json").is_file():
+            raise FileNotFoundError(f"{folder} lacks scheduler_config.json")
+        unet = _load_unet(folder)
+        return KINDS[kind].from_config(unet, read_json(folder / "scheduler_config.json"), meta, **overrides).to(device)
 
     if (folder / "config.json").is_file() or (folder / "unet" / "config.json").is_file():
         unet_dir = folder if (folder / "config.json").is_file() else folder / "unet"
@@ -95,37 +83,7 @@ def load_purifier(source: str | Path, device="cpu", **overrides):
             raise FileNotFoundError(f"{unet_dir} holds a UNet but no scheduler_config.json beside it: a DiffPure "
                                     "teacher needs the noise schedule its UNet was trained with")
         unet = _load_unet(unet_dir)
-        source_info = {"unet": str(source)}
-        return DiffPure(unet, read_json(sched), source=source_info, **overrides).to(device)
+        return DiffPure(unet, read_json(sched), source={"unet": str(source)}, **overrides).to(device)
 
     raise ValueError(f"{folder} is not a purifier folder (no purifier.json) nor a diffusers UNet folder "
                      f"(no config.json); found: {', '.join(sorted(p.name for p in folder.iterdir())[:8]) or 'nothing'}")
-
-
-def load_unet_and_schedule(folder: Path) -> tuple:
-    """The diffusers UNet and scheduler config stored in a purifier folder."""
-    try:
-        sched = json.loads((folder / "scheduler_config.json").read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{folder} lacks scheduler_config.json") from None
-    return _load_unet(folder), sched
-
-
-def _family_loader(cls):
-    """Loader for DiffPure and its students: purifier.json gives the constructor's arguments."""
-
-    def load(folder: Path, meta: dict, overrides: dict):
-        keys = dict(t_star=meta["t_star"], steps=meta["steps"], mode=meta["mode"], seed=meta.get("seed", 0),
-                    prediction_type=meta.get("parameterization"), clip_x0=meta.get("clip_x0", False),
-                    source=meta.get("source"))
-        if "consistency" in meta:
-            keys["consistency"] = meta["consistency"]
-        keys.update(overrides)
-        unet, sched = load_unet_and_schedule(folder)
-        return cls(unet, sched, **keys)
-
-    return load
-
-
-for _cls in (DiffPure, ProgressiveStudent, ConsistencyStudent):
-    register_purifier(_cls.kind, _family_loader(_cls))

@@ -8,11 +8,26 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from core.io import atomic_dir, atomic_write_json
+
 from .denoisers import UNetDenoiser
 from .samplers import SAMPLERS, randn_like
 from .schedule import VPSchedule
 
 FORMAT_VERSION = 1
+UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
+KINDS: dict[str, type] = {}  # purifier.json "kind" -> class with from_config(unet, scheduler_config, meta, **overrides)
+
+
+def register_purifier(cls):
+    """Make `load_purifier` rebuild folders whose purifier.json names `cls.kind` with `cls.from_config`."""
+    KINDS[cls.kind] = cls
+    return cls
+
+
+def label_of(meta: dict) -> str:
+    """A purifier's short name from its metadata: 'consistency-1', 'diffpure-100'."""
+    return f"{meta.get('kind', 'purifier')}-{meta.get('nfe', meta.get('steps', ''))}"
 
 
 def check_images(x, channels: int, image_size: tuple[int, int], who: str = "purifier") -> None:
@@ -65,9 +80,14 @@ class Purifier(nn.Module):
     def nfe(self) -> int:
         raise NotImplementedError
 
+    @property
+    def label(self) -> str:
+        """The short name reports use: kind and network evaluations, e.g. 'consistency-1'."""
+        return label_of({"kind": self.kind, "nfe": self.nfe})
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_images(x, self.channels, self.image_size, who=type(self).__name__)
-        x = x.clamp(0, 1)
+        x = x.contiguous().clamp(0, 1)  # a permuted or channels-last batch gives the same result
         out = self.purify(x * 2 - 1, self.generator(x.device))
         return ((out + 1) / 2).clamp(0, 1)
 
@@ -76,6 +96,7 @@ class Purifier(nn.Module):
         raise NotImplementedError
 
 
+@register_purifier
 class DiffPure(Purifier):
     """DiffPure (Nie et al., ICML 2022): diffuse to t_star, then solve the reverse SDE (or ODE) to t = 0."""
 
@@ -138,11 +159,29 @@ class DiffPure(Purifier):
                 "seed": self.seed, "nfe": self.nfe, "channels": self.channels, "image_size": list(self.image_size),
                 "schedule": self.schedule.config, "source": self.source}
 
-    def save(self, folder: str | Path) -> Path:
-        """Write purifier.json + the UNet in diffusers format + scheduler_config.json, atomically."""
-        from .loading import save_purifier_folder
+    @classmethod
+    def from_config(cls, unet: nn.Module, scheduler_config: dict, meta: dict, **overrides) -> "DiffPure":
+        """Rebuild from the UNet, the scheduler config and purifier.json (`config()`), with overrides on top."""
+        return cls(unet, scheduler_config, **{**cls.arguments(meta), **overrides})
 
-        return save_purifier_folder(self, folder)
+    @classmethod
+    def arguments(cls, meta: dict) -> dict:
+        """The constructor's arguments stored in purifier.json."""
+        return dict(t_star=meta["t_star"], steps=meta["steps"], mode=meta["mode"], seed=meta.get("seed", 0),
+                    prediction_type=meta.get("parameterization"), clip_x0=meta.get("clip_x0", False),
+                    source=meta.get("source"))
+
+    def save(self, folder: str | Path) -> Path:
+        """Write purifier.json + the UNet in diffusers format + its own scheduler_config.json, atomically.
+
+        The scheduler config names this UNet's prediction type (a v-predicting student's folder says
+        v_prediction), so diffusers alone opens the folder as what it is."""
+        with atomic_dir(folder) as tmp:
+            self.unet.save_pretrained(tmp, safe_serialization=True)
+            atomic_write_json(tmp / "scheduler_config.json", {"_class_name": "DDPMScheduler", **self.schedule.config,
+                                                              "prediction_type": self.x0_net.prediction_type})
+            atomic_write_json(tmp / "purifier.json", self.config())
+        return Path(folder)
 
     def extra_repr(self) -> str:
         return f"t_star={self.t_star}, steps={self.steps}, mode={self.mode!r}, nfe={self.nfe}"

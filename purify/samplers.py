@@ -7,13 +7,16 @@ import torch
 from .denoisers import eps_from_x0
 
 
-def ddpm_step(x_t, x0, ab_t, ab_s, noise=None):
-    """One ancestral step t -> s < t: a draw from the DDPM posterior q(x_s | x_t, x0_hat)."""
+def ddpm_step(x_t, x0, ab_t, ab_s, noise=None, variance: str = "posterior"):
+    """One ancestral step t -> s < t: the DDPM posterior mean of q(x_s | x_t, x0_hat) plus noise of the
+    posterior's variance ("posterior", diffusers' fixed_small) or of beta_ts = 1 - ab_t / ab_s ("beta",
+    fixed_large: DiffPure's Euler-Maruyama step of the reverse VP-SDE)."""
     alpha_ts = ab_t / ab_s
     mean = (ab_s.sqrt() * (1 - alpha_ts) * x0 + alpha_ts.sqrt() * (1 - ab_s) * x_t) / (1 - ab_t)
     if noise is None:
         return mean
-    var = ((1 - ab_s) / (1 - ab_t) * (1 - alpha_ts)).clamp(min=1e-20)
+    beta = 1 - alpha_ts
+    var = beta if variance == "beta" else ((1 - ab_s) / (1 - ab_t) * beta).clamp(min=1e-20)
     return mean + var.sqrt() * noise
 
 
@@ -50,10 +53,12 @@ def _pairs(denoiser, times: torch.Tensor):
 
 
 def sample_sde(denoiser, x: torch.Tensor, times: torch.Tensor, generator: torch.Generator | None = None):
-    """Reverse VP-SDE solved by DDPM ancestral steps (DiffPure's solver on the DDPM grid)."""
+    """Reverse VP-SDE solved by DDPM ancestral steps (DiffPure's solver on the DDPM grid), with the step
+    variance the schedule's `variance_type` names."""
+    variance = denoiser.schedule.variance_type
     for t, _, ab_t, ab_s in _pairs(denoiser, times):
         x0 = denoiser(x, t)
-        x = ddpm_step(x, x0, ab_t.to(x), ab_s.to(x), randn_like(x, generator) if ab_s < 1 else None)
+        x = ddpm_step(x, x0, ab_t.to(x), ab_s.to(x), randn_like(x, generator) if ab_s < 1 else None, variance)
     return x
 
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+VARIANCE_TYPES = {"fixed_small": "posterior", "fixed_small_log": "posterior", "fixed_large": "beta",
+                  "fixed_large_log": "beta"}
+
 
 class VPSchedule:
     """alpha_bar(t) from a diffusers scheduler config, log-linearly interpolated between DDPM steps.
@@ -19,6 +22,13 @@ class VPSchedule:
             raise ValueError("alphas_cumprod must be a decreasing 1-D sequence in (0, 1)")
         self.T = len(acp)
         self.config = dict(config or {})
+        # the reverse SDE's step variance: the DDPM posterior's (fixed_small, diffusers' default) or beta
+        # (fixed_large: DiffPure's Euler-Maruyama step, and google/ddpm-cifar10-32's config)
+        variance = self.config.get("variance_type") or "fixed_small"
+        if variance not in VARIANCE_TYPES:
+            raise ValueError(f"variance_type {variance!r} is not supported (a learned variance needs a UNet with "
+                             f"twice the output channels); supported: {', '.join(VARIANCE_TYPES)}")
+        self.variance_type = VARIANCE_TYPES[variance]
         self.alphas_cumprod = acp.float()
         self._log_ab = torch.cat([torch.zeros(1, dtype=torch.float64), acp.log()])  # at t = 0, 1/T, ..., 1
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .purifier import DiffPure
+from .purifier import DiffPure, register_purifier
 from .samplers import randn_like
 
 
@@ -52,30 +52,55 @@ def sample_consistency(denoiser, x: torch.Tensor, times: torch.Tensor, generator
     return x
 
 
-class ProgressiveStudent(DiffPure):
+class _Student(DiffPure):
+    """What the students share: a sampler their kind fixes (an override may only repeat it)."""
+
+    sampler_mode = "ode"
+
+    @classmethod
+    def from_config(cls, unet, scheduler_config, meta, **overrides):
+        mode = overrides.pop("mode", cls.sampler_mode)
+        if mode != cls.sampler_mode:
+            raise ValueError(f"a {cls.kind} student samples with mode {cls.sampler_mode!r} only, got mode {mode!r}")
+        return super().from_config(unet, scheduler_config, meta, **overrides)
+
+    @classmethod
+    def arguments(cls, meta: dict) -> dict:
+        """purifier.json's constructor arguments, less the sampler, which the student's kind fixes."""
+        args = super().arguments(meta)
+        if args.pop("mode") != cls.sampler_mode:
+            raise ValueError(f"a {cls.kind} student samples with mode {cls.sampler_mode!r}, its purifier.json says "
+                             f"{meta['mode']!r}")
+        return args
+
+
+@register_purifier
+class ProgressiveStudent(_Student):
     """A progressive-distillation student (Salimans & Ho, ICLR 2022): K DDIM steps from t_star with an x- or v-predicting UNet."""
 
     kind = "progressive"
 
-    def __init__(self, unet, scheduler_config, t_star=0.1, steps=1, mode="ode", prediction_type="v_prediction",
-                 seed=0, source=None, clip_x0=False):
-        if mode != "ode":
-            raise ValueError(f"a progressive student samples with DDIM (mode 'ode'), got mode {mode!r}")
+    def __init__(self, unet, scheduler_config, t_star=0.1, steps=1, prediction_type="v_prediction", seed=0,
+                 source=None, clip_x0=False):
         super().__init__(unet, scheduler_config, t_star, steps, "ode", prediction_type, clip_x0, seed, source)
 
 
-class ConsistencyStudent(DiffPure):
+@register_purifier
+class ConsistencyStudent(_Student):
     """A consistency-distillation student (Song et al., ICML 2023): K-step multistep consistency sampling from t_star."""
 
     kind = "consistency"
+    sampler_mode = "consistency"
 
-    def __init__(self, unet, scheduler_config, t_star=0.1, steps=1, mode="consistency", prediction_type=None,
-                 seed=0, source=None, clip_x0=False, consistency: dict | None = None):
-        if mode != "consistency":
-            raise ValueError(f"a consistency student samples with mode 'consistency', got {mode!r}")
-        super().__init__(unet, scheduler_config, t_star, steps, "ode", prediction_type, clip_x0, seed, source)
+    def __init__(self, unet, scheduler_config, t_star=0.1, steps=1, prediction_type=None, seed=0, source=None,
+                 clip_x0=False, consistency: dict | None = None):
+        DiffPure.__init__(self, unet, scheduler_config, t_star, steps, "ode", prediction_type, clip_x0, seed, source)
         self.mode = "consistency"
         self.denoiser = ConsistencyDenoiser(self.denoiser, **(consistency or {}))
+
+    @classmethod
+    def arguments(cls, meta: dict) -> dict:
+        return {**super().arguments(meta), "consistency": meta.get("consistency")}
 
     @property
     def consistency(self) -> dict:

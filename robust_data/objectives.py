@@ -15,6 +15,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+OBJECTIVES: dict[str, tuple] = {}  # name -> (objective, the SqueezeConfig keys it takes)
+
+
+def register_objective(name: str, settings: tuple[str, ...] = ()):
+    """Make a squeeze objective known by name; `settings` are the SqueezeConfig keys bound to its keywords."""
+    def add(fn):
+        OBJECTIVES[name] = (fn, tuple(settings))
+        return fn
+    return add
+
+
+@register_objective("ce")
 def cross_entropy(model, x, y, label_smoothing: float = 0.0):
     """Plain cross-entropy: SRe2L's squeeze objective."""
     logits = model(x)
@@ -48,9 +60,13 @@ def input_grad(net, x, y, create_graph: bool = False) -> tuple[torch.Tensor, tor
     return g, x
 
 
-def unit_step(g: torch.Tensor, h: float) -> torch.Tensor:
-    """h g / ||g|| per example (with GUARD's 1e-7 guards)."""
-    return h * (g + 1e-7) / (g.flatten(1).norm(dim=1).view(-1, *[1] * (g.dim() - 1)) + 1e-7)
+def unit_step(g: torch.Tensor, h: float, floor: float = 1e-12) -> torch.Tensor:
+    """GUARD's paper probe z = h g / ||g|| per example, so ||z|| <= h always.
+
+    GUARD's code writes h (g + 1e-7) / (||g|| + 1e-7): once the model is confident, g of the batch-mean loss
+    is tiny and z turns into h times the all-ones direction (||z|| up to h sqrt(d)), a brightness shift rather
+    than a local probe. Here a vanishing gradient gives a vanishing z (the floor only avoids 0 / 0)."""
+    return h * g / g.flatten(1).norm(dim=1).clamp_min(floor).view(-1, *[1] * (g.dim() - 1))
 
 
 def curvature_direction(net, xn, y, h: float) -> torch.Tensor:
@@ -90,16 +106,19 @@ def penalized(model, x, y, penalty, reg_lambda: float, label_smoothing: float = 
     return loss + reg_lambda * reg, {**stats, "reg": reg.detach()}
 
 
+@register_objective("guard", ("reg_lambda", "reg_h"))
 def guard(model, x, y, reg_lambda: float = 100.0, reg_h: float = 3.0, label_smoothing: float = 0.0):
     """GUARD (Xue et al., AAAI 2025): cross-entropy + lambda * mean ||grad L(x + z) - grad L(x)||."""
     return penalized(model, x, y, functools.partial(guard_penalty, h=reg_h), reg_lambda, label_smoothing)
 
 
+@register_objective("guard-loss", ("reg_lambda", "reg_h"))
 def guard_loss(model, x, y, reg_lambda: float = 100.0, reg_h: float = 3.0, label_smoothing: float = 0.0):
     """GUARD's ImageNet-code variant: cross-entropy + lambda * |L(x + z) - L(x)| (batch-mean losses)."""
     return penalized(model, x, y, functools.partial(loss_difference, h=reg_h), reg_lambda, label_smoothing)
 
 
+@register_objective("gradnorm", ("reg_lambda",))
 def gradnorm(model, x, y, reg_lambda: float = 100.0, label_smoothing: float = 0.0):
     """Input-gradient norm penalty, the ablation: lambda * mean ||grad_x L||, kept in the graph.
 
@@ -107,6 +126,7 @@ def gradnorm(model, x, y, reg_lambda: float = 100.0, label_smoothing: float = 0.
     return penalized(model, x, y, input_grad_norm, reg_lambda, label_smoothing)
 
 
+@register_objective("adversarial", ("adv_eps", "adv_steps"))
 def adversarial(model, x, y, adv_eps: float = 1 / 255, adv_steps: int = 10, label_smoothing: float = 0.0):
     """PGD adversarial training (Madry et al., 2018): cross-entropy on Linf PGD examples in [0, 1] pixels.
 
@@ -123,16 +143,9 @@ def adversarial(model, x, y, adv_eps: float = 1 / 255, adv_steps: int = 10, labe
     return loss, stats
 
 
-OBJECTIVES = {"ce": cross_entropy, "guard": guard, "guard-loss": guard_loss, "gradnorm": gradnorm,
-              "adversarial": adversarial}
-SETTINGS = {"guard": ("reg_lambda", "reg_h"), "guard-loss": ("reg_lambda", "reg_h"), "gradnorm": ("reg_lambda",),
-            "adversarial": ("adv_eps", "adv_steps"), "ce": ()}
-
-
 def get_objective(name: str, cfg=None):
     """The named objective with its settings (reg_lambda, reg_h, adv_eps, adv_steps) bound from `cfg`."""
     if name not in OBJECTIVES:
         raise ValueError(f"unknown squeeze objective {name!r}; known: {', '.join(OBJECTIVES)}")
-    if cfg is None:
-        return OBJECTIVES[name]
-    return functools.partial(OBJECTIVES[name], **{k: getattr(cfg, k) for k in SETTINGS[name]})
+    fn, settings = OBJECTIVES[name]
+    return fn if cfg is None else functools.partial(fn, **{k: getattr(cfg, k) for k in settings})

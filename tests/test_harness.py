@@ -221,11 +221,12 @@ def folders(tmp_path_factory):
 
 
 def _config(root, clf_dir, **extra):
+    budget = {"attacks": ["pgd", "pgd-eot", "bpda-eot"], "n": 16, "evals": 2, "eot": 1, "batch_size": 8,
+              "steps": {"pgd": 2, "pgd-eot": 2, "bpda-eot": 2}, "sweep_eps": [0.1, 0.5], "sweep_n": 8, "check_n": 8}
+    budget.update(extra.pop("budget", {}))
     cfg = {"classifier": str(clf_dir), "defenses": ["none", str(root / "teacher"),
                                                     {"purifier": str(root / "student"), "label": "cm", "n": 8}],
-           "attacks": ["pgd", "pgd-eot", "bpda-eot"], "n": 16, "evals": 2, "eot": 1, "batch_size": 8,
-           "steps": {"pgd": 2, "pgd-eot": 2, "bpda-eot": 2}, "sweep_eps": [0.1, 0.5], "sweep_n": 8, "check_n": 8,
-           **extra}
+           "budget": budget, **extra}
     path = root / f"eval-{len(extra)}.yaml"
     path.write_text(json.dumps(cfg))
     return path
@@ -252,10 +253,10 @@ def test_robustness_command_writes_report_plots_and_per_example_records(folders,
 
 
 @pytest.mark.parametrize("extra, message", [
-    ({"attacks": ["pgd", "deepfool"]}, "unknown attack 'deepfool'"),
+    ({"budget": {"attacks": ["pgd", "deepfool"]}}, "unknown attack 'deepfool'"),
     ({"defenses": [{"purifier": "none", "nn": 3}]}, "unknown key.*nn"),
     ({"defenses": ["no/such/folder"]}, "purifier folder no/such/folder does not exist"),
-    ({"attacks": ["transfer"]}, "transfer_from"),
+    ({"budget": {"attacks": ["transfer"]}}, "transfer_from"),
     ({"grad_checkpoint": "yes"}, "grad_checkpoint"),
 ])
 def test_robustness_command_names_the_problem(folders, tmp_path, capsys, extra, message):

@@ -15,7 +15,8 @@ TINY = {
     "recover": {"ipc": 2, "iterations": 2, "batch_size": 20},
     "relabel": {"epochs": 2},
     "distilled_train": {"epochs": 2, "width": 8},
-    "harness": {"n": 8, "evals": 2, "steps": 1, "sweep_n": 8, "check_n": 8, "batch_size": 8,
+    "harness": {"budget": {"n": 8, "evals": 2, "steps": {"pgd": 1, "pgd-eot": 1, "bpda-eot": 1}, "sweep_n": 8,
+                           "check_n": 8, "batch_size": 8},
                 "teacher": {"n": 8, "steps": {"bpda-eot": 1}}},
     "latency": {"batch_sizes": [1, 4], "warmup": 0, "repeats": 1},
 }

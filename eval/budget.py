@@ -1,0 +1,39 @@
+"""How hard the harness attacks one defense: the one settings object that `evaluate`, `python -m eval robustness`
+(and its per-defense overrides) and the quickstart all use."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The attacks and their budget; a defense overrides fields of its config's budget by name."""
+
+    attacks: list[str] = field(default_factory=lambda: ["pgd"])
+    n: int | None = None  # test examples (None: all); `evaluate` attacks the batch it is given
+    evals: int = 1  # R independent evaluations of a stochastic defense (a deterministic one gets 1)
+    eot: int = 20  # EOT samples per gradient (and per candidate score) on a stochastic defense
+    steps: dict = field(default_factory=dict)  # per-attack steps, e.g. {pgd-eot: 50}; default: the attack's own
+    queries: int = 5000  # Square
+    votes: int = 1  # the defense's majority vote over that many purifications
+    sweep_eps: list[float] = field(default_factory=list)  # robust accuracy against epsilon (the primary attack)
+    sweep_n: int | None = None  # examples of each sweep point (None: all)
+    check_steps: bool = True  # rerun the primary attack at twice its steps (a gradient-masking check)
+    check_n: int | None = None  # examples of that rerun (None: all)
+    tolerance: float = 0.02  # slack of the gradient-masking flags, before the standard errors
+    batch_size: int = 64
+    seed: int = 0
+
+
+BUDGET_KEYS = tuple(f.name for f in fields(Budget))
+
+
+def with_changes(budget: Budget, changes: dict, where: str = "a budget") -> Budget:
+    """`budget` with `changes` (field -> value), validated like a config; an unknown key names the valid ones."""
+    from core.config import from_dict, to_dict
+
+    unknown = sorted(set(changes) - set(BUDGET_KEYS))
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(unknown)} in {where}; valid: {', '.join(BUDGET_KEYS)}")
+    return from_dict(Budget, {**to_dict(budget), **changes})
