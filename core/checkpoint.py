@@ -8,6 +8,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from .config import ConfigError, from_dict
+from .errors import InputError
 from .io import atomic_dir, atomic_save_tensors, atomic_write_json, load_tensors, read_json, refuse_pickle
 from .models import ClassifierConfig, build_classifier
 
@@ -41,11 +42,11 @@ def load_classifier(folder: str | Path, device="cpu") -> nn.Module:
         raise FileNotFoundError(f"{folder} is not a classifier folder: config.json is missing")
     raw = read_json(folder / "config.json")
     if raw.pop("kind", None) != "classifier":
-        raise ValueError(f"{folder}/config.json does not describe a classifier (no \"kind\": \"classifier\")")
+        raise InputError(f"{folder}/config.json does not describe a classifier (no \"kind\": \"classifier\")")
     try:
         cfg = from_dict(ClassifierConfig, raw)
     except ConfigError as e:
-        raise ValueError(f"{folder}/config.json: {e}") from None
+        raise InputError(f"{folder}/config.json: {e}") from None
     if not (folder / WEIGHTS).is_file():
         refuse_pickle(folder, "classifier")
         raise FileNotFoundError(f"{folder} has no {WEIGHTS}")
@@ -53,6 +54,6 @@ def load_classifier(folder: str | Path, device="cpu") -> nn.Module:
     try:
         model.load_state_dict(load_tensors(folder / WEIGHTS))
     except RuntimeError as e:
-        raise ValueError(f"{folder}/{WEIGHTS} does not fit its config.json ({cfg.arch}): {e}") from None
+        raise InputError(f"{folder}/{WEIGHTS} does not fit its config.json ({cfg.arch}): {e}") from None
     model.config = cfg
     return model.to(device).eval()

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from .config import ConfigError, load_config
+from .errors import InputError
 
 
 def add_run_args(p: argparse.ArgumentParser, default_config: str | None = None) -> argparse.ArgumentParser:
@@ -25,8 +26,9 @@ def resolve(cls, args):
 
 
 def run_or_exit(fn, *a, **kw):
-    """Run a command; user errors (bad input, missing files) end with one line, not a traceback."""
+    """Run a command; errors a user can fix (bad config or input, missing or clashing files) end with one line;
+    anything else is a bug and keeps its traceback."""
     try:
         return fn(*a, **kw)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (InputError, FileNotFoundError, FileExistsError) as e:
         sys.exit(f"error: {e}")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from .errors import InputError
 from .io import atomic_write_text
 
 
@@ -28,7 +29,7 @@ def _load_yaml(text: str):
     return yaml.load(text, Loader=_Loader)  # noqa: S506 -- a SafeLoader subclass
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config names a key that does not exist or gives a value of the wrong kind."""
 
 

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
+from .errors import InputError
+
 DIGITS_FILE = Path(__file__).parent / "data" / "digits.npz"
 CACHE = Path(os.environ.get("DDP_DATA", Path.home() / ".cache" / "datasets"))
 
@@ -57,7 +59,7 @@ def dataset_info(name: str, image_size: int | None = None) -> DatasetInfo:
     if name in FOLDER_PRESETS:
         p = FOLDER_PRESETS[name]
         return DatasetInfo(name, 3, image_size or p["size"], p["classes"], p["mean"], p["std"])
-    raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+    raise InputError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
 
 
 def load_digits(split: str = "train", image_size: int = 16) -> TensorDataset:
@@ -72,7 +74,7 @@ def load_digits(split: str = "train", image_size: int = 16) -> TensorDataset:
 
 def _check_split(split: str) -> None:
     if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise InputError(f"split must be 'train' or 'test', got {split!r}")
 
 
 def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None = None,

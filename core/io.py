@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .errors import InputError
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
@@ -74,7 +76,7 @@ def read_json(path: str | Path) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+        raise InputError(f"{path} is not valid JSON: {e}") from None
 
 
 def refuse_pickle(folder: str | Path, what: str) -> None:
@@ -82,7 +84,7 @@ def refuse_pickle(folder: str | Path, what: str) -> None:
     folder = Path(folder)
     pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickled and not any(p.suffix == ".safetensors" for p in folder.iterdir()):
-        raise ValueError(
+        raise InputError(
             f"{folder} holds {what} weights only in pickle format ({', '.join(pickled)}); "
             "this toolkit never unpickles files. Convert them once with "
             "`safetensors.torch.save_file(torch.load(path, weights_only=True), 'model.safetensors')` "

@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import InputError
+
 ARCHS = ("convnet", "convnet-bn", "resnet18", "resnet18-imagenet", "wrn-28-10")
 
 
@@ -51,7 +53,7 @@ class ConvNet(nn.Module):
                        nn.ReLU(inplace=True), nn.AvgPool2d(2)]
             c, s = width, s // 2
         if s < 1:
-            raise ValueError(f"ConvNet depth {depth} is too deep for {image_size}x{image_size} images")
+            raise InputError(f"ConvNet depth {depth} is too deep for {image_size}x{image_size} images")
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(width * s * s, num_classes)
 
@@ -78,7 +80,7 @@ class WideResNet(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, depth: int = 28, widen: int = 10):
         super().__init__()
         if (depth - 4) % 6:
-            raise ValueError(f"WideResNet depth must be 6n+4, got {depth}")
+            raise InputError(f"WideResNet depth must be 6n+4, got {depth}")
         n, w = (depth - 4) // 6, [16, 16 * widen, 32 * widen, 64 * widen]
         self.conv = nn.Conv2d(in_channels, w[0], 3, 1, 1, bias=False)
         blocks = []
@@ -108,7 +110,7 @@ def resnet18(in_channels: int, num_classes: int, cifar_stem: bool) -> nn.Module:
 def build_classifier(cfg: ClassifierConfig) -> Normalized:
     """The network named by `cfg.arch`, wrapped to normalise [0, 1] inputs itself."""
     if len(cfg.mean) != cfg.in_channels or len(cfg.std) != cfg.in_channels:
-        raise ValueError(f"mean/std need {cfg.in_channels} values each, got {cfg.mean} / {cfg.std}")
+        raise InputError(f"mean/std need {cfg.in_channels} values each, got {cfg.mean} / {cfg.std}")
     if cfg.arch in ("convnet", "convnet-bn"):
         net = ConvNet(cfg.in_channels, cfg.num_classes, cfg.image_size, cfg.width, cfg.depth,
                       norm="batch" if cfg.arch == "convnet-bn" else "instance")
@@ -118,7 +120,7 @@ def build_classifier(cfg: ClassifierConfig) -> Normalized:
         depth, widen = (int(v) for v in cfg.arch[4:].split("-"))
         net = WideResNet(cfg.in_channels, cfg.num_classes, depth, widen)
     else:
-        raise ValueError(f"unknown classifier arch {cfg.arch!r}; known: {', '.join(ARCHS)}")
+        raise InputError(f"unknown classifier arch {cfg.arch!r}; known: {', '.join(ARCHS)}")
     return Normalized(net, cfg.mean, cfg.std)
 
 

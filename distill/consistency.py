@@ -9,8 +9,10 @@ from pathlib import Path
 import torch
 
 from core.checkpoint import load_classifier
+from core.errors import InputError
 from core.io import atomic_write_json
-from core.training import ema_update, fit, make_ema, make_optimizer, open_run
+from core.runs import open_run
+from core.training import ema_update, fit, make_ema, make_optimizer
 from purify import ConsistencyDenoiser, ConsistencyStudent, UNetDenoiser, load_purifier
 from purify.samplers import ddim_step, heun_step
 
@@ -36,13 +38,13 @@ class ConsistencyConfig(StudentConfig):
 
 def validate(cfg: ConsistencyConfig, t_star: float) -> None:
     if cfg.solver not in SOLVERS:
-        raise ValueError(f"unknown solver {cfg.solver!r}; known: {', '.join(SOLVERS)}")
+        raise InputError(f"unknown solver {cfg.solver!r}; known: {', '.join(SOLVERS)}")
     if not 0 <= cfg.t_min < t_star:
-        raise ValueError(f"t_min must lie in [0, t_star={t_star}), got {cfg.t_min}")
+        raise InputError(f"t_min must lie in [0, t_star={t_star}), got {cfg.t_min}")
     if cfg.num_scales < 1 or not cfg.student_steps or min(cfg.student_steps) < 1:
-        raise ValueError("num_scales and every entry of student_steps must be at least 1")
+        raise InputError("num_scales and every entry of student_steps must be at least 1")
     if not 0 <= cfg.target_ema < 1:
-        raise ValueError(f"target_ema must be in [0, 1), got {cfg.target_ema}")
+        raise InputError(f"target_ema must be in [0, 1), got {cfg.target_ema}")
 
 
 def consistency_loss(student_f, target_f, teacher, x0, cfg: ConsistencyConfig, t_star: float, distance, g,
@@ -74,7 +76,7 @@ def train_consistency(cfg: ConsistencyConfig, teacher_dir: str | Path, out: str 
     validate(cfg, t_star)
     distance = get_distance(cfg.distance, cfg.huber_c)
     run = open_run(cfg, out, resume)
-    out, acc, ds, log = run.out, run.acc, run.dataset, run.log
+    out, acc = run.out, run.acc
     classifier = load_classifier(cfg.adversarial.classifier, acc.device) if cfg.adversarial.classifier else None
     if isinstance(distance, torch.nn.Module):
         distance.to(acc.device)
@@ -100,7 +102,7 @@ def train_consistency(cfg: ConsistencyConfig, teacher_dir: str | Path, out: str 
         ema_update(target, net, cfg.target_ema)
         ema_update(ema, net, min(cfg.ema_decay, (1 + s) / (10 + s)))
 
-    stats = fit(acc, cfg, model, opt, lr_sched, loss_fn, ds, step, cfg.train_steps, out, log, on_step,
+    stats = fit(run, cfg, model, opt, lr_sched, loss_fn, step, cfg.train_steps, on_step,
                 {"student": acc.unwrap_model(model), "ema": ema, "target": target}, "consistency")
     acc.wait_for_everyone()
     if acc.is_main_process:

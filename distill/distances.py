@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from core.errors import InputError
+
 DISTANCES = ("pseudo-huber", "l2", "lpips")
 LPIPS_BACKBONES = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth"}
 
@@ -30,7 +32,7 @@ class LPIPSDistance(torch.nn.Module):
     def __init__(self, net: str = "vgg"):
         super().__init__()
         if net not in LPIPS_BACKBONES:
-            raise ValueError(f"LPIPS backbone must be one of {', '.join(LPIPS_BACKBONES)}, got {net!r}")
+            raise InputError(f"LPIPS backbone must be one of {', '.join(LPIPS_BACKBONES)}, got {net!r}")
         cached = Path(torch.hub.get_dir()) / "checkpoints" / LPIPS_BACKBONES[net]
         if not cached.is_file():
             raise FileNotFoundError(
@@ -61,7 +63,7 @@ def _lpips_without_pickle(net: str, backbone_file: Path):
         model.net.load_state_dict({f"{name}.{key}": features[key] for name, part in model.net.named_children()
                                    for key in part.state_dict()})
     except KeyError as e:
-        raise ValueError(f"{backbone_file} is not torchvision's {net} checkpoint (no features.{e.args[0]})") from None
+        raise InputError(f"{backbone_file} is not torchvision's {net} checkpoint (no features.{e.args[0]})") from None
     lin = Path(lpips.__file__).parent / "weights" / "v0.1" / f"{net}.pth"  # shipped inside the lpips package
     model.load_state_dict(torch.load(lin, map_location="cpu", weights_only=True), strict=False)
     return model
@@ -74,4 +76,4 @@ def get_distance(name: str, huber_c: float | None = None):
         return l2
     if name == "lpips":
         return LPIPSDistance()
-    raise ValueError(f"unknown distance {name!r}; known: {', '.join(DISTANCES)}")
+    raise InputError(f"unknown distance {name!r}; known: {', '.join(DISTANCES)}")

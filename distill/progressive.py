@@ -11,8 +11,10 @@ from pathlib import Path
 import torch
 
 from core.checkpoint import load_classifier
+from core.errors import InputError
 from core.io import atomic_write_json, read_json
-from core.training import ema_update, fit, load_train_state, make_ema, make_optimizer, open_run
+from core.runs import load_train_state, open_run
+from core.training import ema_update, fit, make_ema, make_optimizer
 from purify import ProgressiveStudent, UNetDenoiser, load_purifier
 from purify.samplers import ddim_step
 
@@ -74,7 +76,7 @@ def rounds(cfg: ProgressiveConfig) -> list[int]:
     """The student step counts, one per round: [start/2, start/4, ..., final]."""
     r = math.log2(cfg.start_steps / cfg.final_steps) if cfg.final_steps >= 1 else -1
     if cfg.final_steps < 1 or r < 1 or r != int(r):
-        raise ValueError(f"start_steps ({cfg.start_steps}) must be final_steps ({cfg.final_steps}) times a power of 2")
+        raise InputError(f"start_steps ({cfg.start_steps}) must be final_steps ({cfg.final_steps}) times a power of 2")
     return [cfg.start_steps >> k for k in range(1, int(r) + 1)]
 
 
@@ -82,13 +84,13 @@ def train_progressive(cfg: ProgressiveConfig, teacher_dir: str | Path, out: str 
     """Distil the teacher round by round; every round's student lands in OUT/students/steps-K."""
     plan = rounds(cfg)
     if cfg.parameterization not in ("teacher", "v_prediction", "sample", "epsilon"):
-        raise ValueError(f"parameterization must be teacher, v_prediction, sample or epsilon, got "
+        raise InputError(f"parameterization must be teacher, v_prediction, sample or epsilon, got "
                          f"{cfg.parameterization!r}")
     teacher_p = load_purifier(teacher_dir)
     param = student_parameterization(cfg.parameterization, teacher_p.x0_net.prediction_type)
     t_star = cfg.t_star or teacher_p.t_star
     run = open_run(cfg, out, resume)
-    out, ckpt, acc, ds, log = run.out, run.ckpt, run.acc, run.dataset, run.log
+    out, ckpt, acc, log = run.out, run.ckpt, run.acc, run.log
     classifier = load_classifier(cfg.adversarial.classifier, acc.device) if cfg.adversarial.classifier else None
     sched_cfg = teacher_p.schedule.config
     step, spr, stats = (read_json(ckpt / "state.json")["step"] if ckpt else 0), cfg.steps_per_round, []
@@ -115,7 +117,7 @@ def train_progressive(cfg: ProgressiveConfig, teacher_dir: str | Path, out: str 
         def on_step(s):
             ema_update(ema, acc.unwrap_model(model), min(cfg.ema_decay, (1 + s - r * spr) / (10 + s - r * spr)))
 
-        stats.append(fit(acc, cfg, model, opt, lr_sched, loss_fn, ds, step, (r + 1) * spr, out, log, on_step,
+        stats.append(fit(run, cfg, model, opt, lr_sched, loss_fn, step, (r + 1) * spr, on_step,
                          {"student": acc.unwrap_model(model), "ema": ema}, f"progressive {2 * k}->{k}",
                          state={"round": r + 1, "student_steps": k}))
         step = (r + 1) * spr

@@ -9,8 +9,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from core.errors import InputError
 from core.io import atomic_write_json
-from core.training import LoopConfig, ema_update, fit, make_ema, make_optimizer, open_run
+from core.runs import open_run
+from core.training import LoopConfig, ema_update, fit, make_ema, make_optimizer
 from purify import DiffPure, VPSchedule
 from purify.denoisers import PREDICTION_TYPES
 
@@ -61,17 +63,17 @@ class TeacherConfig(LoopConfig):
 
 def validate(cfg: TeacherConfig) -> None:
     if not 0 < cfg.t_max <= 1:
-        raise ValueError(f"t_max must be in (0, 1], got {cfg.t_max}")
+        raise InputError(f"t_max must be in (0, 1], got {cfg.t_max}")
     if cfg.t_star > cfg.t_max:
-        raise ValueError(f"t_star {cfg.t_star} lies above t_max {cfg.t_max}: the teacher would purify "
+        raise InputError(f"t_star {cfg.t_star} lies above t_max {cfg.t_max}: the teacher would purify "
                          "with a score it was never trained on")
     if cfg.scheduler.prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"scheduler.prediction_type must be one of {', '.join(PREDICTION_TYPES)}")
+        raise InputError(f"scheduler.prediction_type must be one of {', '.join(PREDICTION_TYPES)}")
     if len(cfg.unet.attention) != len(cfg.unet.block_out_channels):
-        raise ValueError("unet.attention needs one flag per entry of unet.block_out_channels")
+        raise InputError("unet.attention needs one flag per entry of unet.block_out_channels")
     for name in ("train_steps", "batch_size", "grad_accum", "checkpoint_every", "purify_steps"):
         if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+            raise InputError(f"{name} must be at least 1, got {getattr(cfg, name)}")
 
 
 def build_unet(u: UNetConfig, channels: int, image_size: int):
@@ -107,7 +109,7 @@ def train_teacher(cfg: TeacherConfig, out: str | Path, resume: bool = False) -> 
     """Train the score network and write OUT/purifier (a DiffPure teacher); returns that folder."""
     validate(cfg)
     run = open_run(cfg, out, resume)
-    out, acc, ds, info, log = run.out, run.acc, run.dataset, run.info, run.log
+    out, acc, info = run.out, run.acc, run.info
     sched_cfg = scheduler_config(cfg.scheduler)
     schedule = VPSchedule.from_scheduler_config(sched_cfg)
     k_max = max(1, math.ceil(cfg.t_max * schedule.T))
@@ -130,7 +132,7 @@ def train_teacher(cfg: TeacherConfig, out: str | Path, resume: bool = False) -> 
     def on_step(s):
         ema_update(ema, acc.unwrap_model(model), min(cfg.ema_decay, (1 + s) / (10 + s)))
 
-    stats = fit(acc, cfg, model, opt, lr_sched, loss_fn, ds, step, cfg.train_steps, out, log, on_step,
+    stats = fit(run, cfg, model, opt, lr_sched, loss_fn, step, cfg.train_steps, on_step,
                 {"unet": acc.unwrap_model(model), "ema": ema}, "teacher")
     seconds, seen = stats["seconds"], stats["images"]
     acc.wait_for_everyone()

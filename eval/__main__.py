@@ -2,14 +2,13 @@
 python -m eval accuracy --purifier DIR --classifier DIR [--n N]
 python -m eval compare --teacher DIR --student DIR [--student DIR ...] --classifier DIR [--out DIR]
 python -m eval robustness --config configs/digits/eval.yaml --out DIR [key=value ...]
-python -m eval latency --purifier A [--purifier B ...] [--classifier C] --batch-size 1 --batch-size 64 --out DIR"""
+python -m eval latency --purifier A [--purifier B ...] [--classifier C] [--onnx FILE ...] --batch-size 1 --out DIR
+python -m eval export --purifier DIR [--classifier DIR] --out FILE.onnx [--opset N] [--batch dynamic|N]"""
 
 import argparse
 import json
 
 from core.cli import add_run_args, resolve, run_or_exit
-
-from .quickstart import quickstart
 
 
 def _test_data_args(p: argparse.ArgumentParser, n: int | None, purifier: bool = True) -> argparse.ArgumentParser:
@@ -56,11 +55,19 @@ def main(argv=None):
     lat.add_argument("--autocast", choices=["bf16", "fp16"], default=None, help="also time under autocast")
     lat.add_argument("--channels-last", action="store_true", help="also time with channels_last tensors")
     lat.add_argument("--compile", action="store_true", help="also time a torch.compile'd module")
+    lat.add_argument("--onnx", action="append", default=[], help="also time an exported file with ONNX Runtime "
+                     "(repeatable; exported with the classifier when --classifier is given)")
+    ex = sub.add_parser("export", help="a purifier (and its classifier) as ONNX, noise as explicit inputs")
+    ex.add_argument("--purifier", required=True, help="a purifier folder (a student of at most 8 steps)")
+    ex.add_argument("--classifier", default=None, help="append this classifier: the graph returns logits")
+    ex.add_argument("--out", required=True, help="the .onnx file (a .onnx.json description is written beside it)")
+    ex.add_argument("--opset", type=int, default=17)
+    ex.add_argument("--batch", default="dynamic", help="'dynamic' (default) or a fixed batch size")
     args = p.parse_args(argv)
 
     if args.command == "quickstart":
         out = args.out or ("runs/quickstart-fast" if args.fast else "runs/quickstart")
-        from .quickstart import quickstart_config
+        from .quickstart import quickstart, quickstart_config
 
         cfg = run_or_exit(quickstart_config, args.fast, args.config, args.overrides)
         run_or_exit(quickstart, out, fast=args.fast, cfg=cfg)
@@ -87,7 +94,20 @@ def main(argv=None):
 
         run_or_exit(run_latency, args.purifier, args.classifier, args.batch_size or [1, 64], args.out,
                     warmup=args.warmup, repeats=args.repeats, device=args.device, autocast=args.autocast,
-                    channels_last=args.channels_last, compile=args.compile)
+                    channels_last=args.channels_last, compile=args.compile, onnx=args.onnx)
+    elif args.command == "export":
+        print(json.dumps(run_or_exit(_export, args), indent=2))
+
+
+def _export(args) -> dict:
+    from core.checkpoint import load_classifier
+    from purify import load_purifier
+    from purify.onnx import export_onnx
+
+    batch = args.batch if args.batch == "dynamic" else int(args.batch) if args.batch.isdigit() else args.batch
+    purifier = load_purifier(args.purifier)
+    classifier = load_classifier(args.classifier) if args.classifier else None
+    return export_onnx(purifier, args.out, classifier=classifier, opset=args.opset, batch=batch)
 
 
 if __name__ == "__main__":

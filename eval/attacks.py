@@ -15,6 +15,8 @@ import torch.nn.functional as F
 import torchattacks
 from torchattacks.attack import Attack
 
+from core.errors import InputError
+
 from .defended import Defended
 
 # Linf / L2 budgets on [0, 1] pixels: CIFAR-10 8/255 and 0.5 as in DiffPure; the ImageNet family 4/255
@@ -76,7 +78,7 @@ def preset_eps(dataset: str, norm: str = "Linf") -> float:
     """The threat model's epsilon for a dataset (see EPS_PRESETS)."""
     check_norm(norm)
     if dataset not in EPS_PRESETS:
-        raise ValueError(f"no epsilon preset for dataset {dataset!r} (presets: {', '.join(EPS_PRESETS)}); "
+        raise InputError(f"no epsilon preset for dataset {dataset!r} (presets: {', '.join(EPS_PRESETS)}); "
                          "pass eps explicitly")
     return EPS_PRESETS[dataset][norm]
 
@@ -88,16 +90,16 @@ def large_eps(norm: str, shape) -> float:
 
 def check_norm(norm: str) -> None:
     if norm not in NORMS:
-        raise ValueError(f"unknown norm {norm!r}; known: {', '.join(NORMS)}")
+        raise InputError(f"unknown norm {norm!r}; known: {', '.join(NORMS)}")
 
 
 def check_attack(name: str, norm: str) -> AttackSpec:
     """The attack's table entry; raises before any work for an unknown name or a norm it does not exist in."""
     if name not in ATTACKS:
-        raise ValueError(f"unknown attack {name!r}; known: {', '.join(ATTACKS)}")
+        raise InputError(f"unknown attack {name!r}; known: {', '.join(ATTACKS)}")
     spec = ATTACKS[name]
     if norm not in spec.norms:
-        raise ValueError(f"{name} is an {'/'.join(spec.norms)} attack; under {norm} use "
+        raise InputError(f"{name} is an {'/'.join(spec.norms)} attack; under {norm} use "
                          f"{', '.join(a for a, s in ATTACKS.items() if norm in s.norms and s.white_box)}")
     return spec
 
@@ -121,9 +123,9 @@ class EOTPGD(Attack):
         super().__init__("EOTPGD", model)
         check_norm(norm)
         if loss not in ("ce", "margin"):
-            raise ValueError(f"unknown loss {loss!r}; known: ce, margin")
+            raise InputError(f"unknown loss {loss!r}; known: ce, margin")
         if steps < 1 or eot < 1:
-            raise ValueError(f"steps and eot must be at least 1, got steps={steps}, eot={eot}")
+            raise InputError(f"steps and eot must be at least 1, got steps={steps}, eot={eot}")
         self.norm, self.eps, self.steps, self.eot, self.loss = norm, eps, steps, eot, loss
         self.alpha = alpha if alpha is not None else 2.5 * eps / steps
         self.random_start, self.seed = random_start, seed

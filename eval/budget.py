@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from core.errors import InputError
+
 
 @dataclass(frozen=True)
 class Budget:
@@ -35,5 +37,5 @@ def with_changes(budget: Budget, changes: dict, where: str = "a budget") -> Budg
 
     unknown = sorted(set(changes) - set(BUDGET_KEYS))
     if unknown:
-        raise ValueError(f"unknown key(s) {', '.join(unknown)} in {where}; valid: {', '.join(BUDGET_KEYS)}")
+        raise InputError(f"unknown key(s) {', '.join(unknown)} in {where}; valid: {', '.join(BUDGET_KEYS)}")
     return from_dict(Budget, {**to_dict(budget), **changes})

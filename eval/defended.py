@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from core.errors import InputError
+
 
 class Defended(nn.Module):
     """classifier(purifier(x)); with `votes` > 1, the mean softmax over that many independent purifications.
@@ -15,7 +17,7 @@ class Defended(nn.Module):
     def __init__(self, purifier: nn.Module | None, classifier: nn.Module, votes: int = 1):
         super().__init__()
         if votes < 1:
-            raise ValueError(f"votes must be at least 1, got {votes}")
+            raise InputError(f"votes must be at least 1, got {votes}")
         self.purifier, self.classifier, self.votes = purifier, classifier, votes
         self.eval()
 

@@ -18,8 +18,9 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from core.io import atomic_save_tensors, atomic_write_json, read_json
-from core.training import make_accelerator
+from core.errors import InputError
+from core.io import atomic_save_tensors
+from core.runs import make_accelerator, same_or_fail
 
 from .attacks import ATTACKS, AttackContext, build_attack, check_attack, large_eps, preset_eps
 from .budget import Budget, with_changes
@@ -167,16 +168,16 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks=None, *
         check_attack(a, norm)
     unknown = sorted(set(b.steps) - set(ATTACKS))
     if unknown:
-        raise ValueError(f"steps given for unknown attack(s) {', '.join(unknown)}; known: {', '.join(ATTACKS)}")
+        raise InputError(f"steps given for unknown attack(s) {', '.join(unknown)}; known: {', '.join(ATTACKS)}")
     if "transfer" in b.attacks and transfer_source is None:
-        raise ValueError("the transfer attack needs transfer_source (the defense to craft the examples on)")
+        raise InputError("the transfer attack needs transfer_source (the defense to craft the examples on)")
     if x.dim() != 4 or len(x) != len(y) or len(x) == 0:
-        raise ValueError(f"expected a non-empty NCHW batch and as many labels, got {tuple(x.shape)} and "
+        raise InputError(f"expected a non-empty NCHW batch and as many labels, got {tuple(x.shape)} and "
                          f"{tuple(y.shape)}")
     if b.evals < 1:
-        raise ValueError(f"evals must be at least 1, got {b.evals}")
+        raise InputError(f"evals must be at least 1, got {b.evals}")
     if x.min() < 0 or x.max() > 1:
-        raise ValueError(f"images must be in [0, 1], got [{x.min().item():.3g}, {x.max().item():.3g}]")
+        raise InputError(f"images must be in [0, 1], got [{x.min().item():.3g}, {x.max().item():.3g}]")
     acc = accelerator or make_accelerator()
     device = acc.device
     model = model.to(device).eval().requires_grad_(False)
@@ -233,15 +234,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks=None, *
 
 def _check_settings(path: Path, settings: dict, acc) -> None:
     """Records in `path`'s folder are only reused for the very same evaluation."""
-    if path.is_file():
-        old = read_json(path)
-        if old != settings:
-            changed = sorted(k for k in settings if old.get(k) != settings[k])
-            raise FileExistsError(f"{path.parent} holds records of another evaluation (changed: "
-                                  f"{', '.join(changed)}); choose another folder or delete it")
-    elif acc.is_main_process:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, settings)
+    same_or_fail(path, settings, "attack records", write=acc.is_main_process)
     acc.wait_for_everyone()
 
 

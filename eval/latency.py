@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from core.checkpoint import load_classifier
+from core.errors import InputError
 from core.io import atomic_write_json, atomic_write_text
 from purify import load_purifier
 
@@ -62,7 +63,7 @@ def variants(autocast: str | None, channels_last: bool, compile: bool) -> list[d
     out = [{"name": "plain"}]
     if autocast:
         if autocast not in AUTOCAST:
-            raise ValueError(f"unknown autocast dtype {autocast!r}; known: {', '.join(AUTOCAST)}")
+            raise InputError(f"unknown autocast dtype {autocast!r}; known: {', '.join(AUTOCAST)}")
         out.append({"name": f"autocast-{autocast}", "autocast": autocast})
     if channels_last:
         out.append({"name": "channels-last", "channels_last": True})
@@ -73,12 +74,12 @@ def variants(autocast: str | None, channels_last: bool, compile: bool) -> list[d
 
 def benchmark(purifiers: dict, classifier=None, batch_sizes=(1, 64), warmup: int = 2, repeats: int = 10,
               device: str | None = None, autocast: str | None = None, channels_last: bool = False,
-              compile: bool = False, seed: int = 0) -> list[dict]:
+              compile: bool = False, seed: int = 0, onnx=()) -> list[dict]:
     """One row per (variant, purifier, batch size, alone / with classifier); speed-up against the first purifier."""
     if not purifiers:
-        raise ValueError("give at least one purifier to time")
+        raise InputError("give at least one purifier to time")
     if any(b < 1 for b in batch_sizes):
-        raise ValueError(f"batch sizes must be positive, got {list(batch_sizes)}")
+        raise InputError(f"batch sizes must be positive, got {list(batch_sizes)}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rows = []
     plan = [(v, label, b, with_clf) for v in variants(autocast, channels_last, compile) for label in purifiers
@@ -94,31 +95,55 @@ def benchmark(purifiers: dict, classifier=None, batch_sizes=(1, 64), warmup: int
         r = time_module(module, x, warmup, repeats, v.get("autocast"))
         if v.get("channels_last"):
             module.to(memory_format=torch.contiguous_format)
-        rows.append({"variant": v["name"], "device": str(device), "purifier": label, "with_classifier": with_clf,
-                     "batch_size": b, "nfe": pur.nfe, **r, "images_per_s": b / r["median_s"], "ms_per_image": 1000 * r["median_s"] / b})
+        rows.append(_row(v["name"], device, label, with_clf, b, pur.nfe, r, torch.get_num_threads()))
+    rows += _onnx_rows(onnx, batch_sizes, warmup, repeats, seed)
     for row in rows:
         ref = next(r for r in rows if r["variant"] == row["variant"] and r["batch_size"] == row["batch_size"]
                    and r["with_classifier"] == row["with_classifier"])
         row["speedup"] = ref["median_s"] / row["median_s"]
-        plain = next(r for r in rows if r["variant"] == "plain" and r["purifier"] == row["purifier"]
-                     and r["batch_size"] == row["batch_size"] and r["with_classifier"] == row["with_classifier"])
-        row["vs_plain"] = plain["median_s"] / row["median_s"]
+        plain = next((r for r in rows if r["variant"] == "plain" and r["purifier"] == row["purifier"]
+                      and r["batch_size"] == row["batch_size"] and r["with_classifier"] == row["with_classifier"]), None)
+        row["vs_plain"] = plain["median_s"] / row["median_s"] if plain else None
+    return rows
+
+
+def _row(variant, device, label, with_clf, b, nfe, r, threads) -> dict:
+    return {"variant": variant, "device": str(device), "purifier": label, "with_classifier": with_clf,
+            "batch_size": b, "nfe": nfe, **r, "images_per_s": b / r["median_s"], "ms_per_image": 1000 * r["median_s"] / b,
+            "threads": threads}
+
+
+def _onnx_rows(files, batch_sizes, warmup: int, repeats: int, seed: int) -> list[dict]:
+    """Exported purifiers under ONNX Runtime (CPU, as many threads as torch uses), beside the torch rows."""
+    from purify.onnx import load_onnx_purifier
+
+    rows = []
+    for f in files:
+        runner = load_onnx_purifier(f, seed=seed)
+        c, h, w = runner.meta.get("input_shape", (None, None, None))
+        fixed = runner.meta.get("batch", "dynamic")
+        for b in batch_sizes if fixed == "dynamic" else [fixed]:
+            x = torch.rand(b, c, h, w, generator=torch.Generator().manual_seed(seed))
+            r = time_module(runner, x, warmup, repeats)
+            rows.append(_row("onnxruntime", "cpu", runner.meta.get("label", Path(f).stem),
+                             runner.meta.get("output") == "logits", b, runner.nfe, r, runner.threads))
     return rows
 
 
 def render(rows: list[dict], device: str) -> str:
-    head = ["variant", "purifier", "+classifier", "batch", "NFE", "median s", "p90 s", "images/s", "ms/image",
-            "peak MB", "speed-up", "vs plain"]
+    head = ["variant", "purifier", "+classifier", "batch", "NFE", "threads", "median s", "p90 s", "images/s",
+            "ms/image", "peak MB", "speed-up", "vs plain"]
     lines = [f"# Defense latency ({device})", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         peak = "n/a (CPU)" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
+        vs = "-" if r["vs_plain"] is None else f"{r['vs_plain']:.2f}x"
         lines.append(f"| {r['variant']} | {r['purifier']} | {'yes' if r['with_classifier'] else 'no'} | "
-                     f"{r['batch_size']} | {r['nfe']} | {r['median_s']:.4f} | {r['p90_s']:.4f} | "
-                     f"{r['images_per_s']:.1f} | {r['ms_per_image']:.2f} | {peak} | {r['speedup']:.1f}x | "
-                     f"{r['vs_plain']:.2f}x |")
+                     f"{r['batch_size']} | {r['nfe']} | {r['threads']} | {r['median_s']:.4f} | {r['p90_s']:.4f} | "
+                     f"{r['images_per_s']:.1f} | {r['ms_per_image']:.2f} | {peak} | {r['speedup']:.1f}x | {vs} |")
     lines += ["", "Speed-up: the first purifier's median time over this row's, same variant, batch and "
               "classifier setting; vs plain: the same purifier's plain median over this row's. Peak memory is "
-              "torch.cuda.max_memory_allocated (not measured on CPU).", ""]
+              "torch.cuda.max_memory_allocated (not measured on CPU). onnxruntime rows: the exported file "
+              "(`python -m eval export`) on ONNX Runtime's CPU provider with the thread count shown.", ""]
     return "\n".join(lines)
 
 
@@ -133,7 +158,7 @@ def run_latency(purifier_dirs: list[str], classifier_dir: str | None, batch_size
                 **kw) -> list[dict]:
     """Load, time, write OUT/latency.json and OUT/latency.md."""
     if not purifier_dirs:
-        raise ValueError("give at least one --purifier folder")
+        raise InputError("give at least one --purifier folder")
     purifiers = {}
     for d in purifier_dirs:
         p = load_purifier(d)

@@ -10,8 +10,9 @@ import torch
 from core.checkpoint import load_classifier
 from core.config import save_config, to_dict
 from core.datasets import load_dataset, to_tensors
+from core.errors import InputError
 from core.io import atomic_write_json, atomic_write_text, load_tensors, read_json
-from core.training import make_accelerator, same_config_or_fail
+from core.runs import make_accelerator, same_config_or_fail
 from purify import label_of, load_purifier
 
 from .attacks import ATTACKS, NORMS, check_attack, preset_eps
@@ -44,7 +45,7 @@ def defenses(cfg: EvalConfig) -> list[dict]:
     for d in cfg.defenses:
         d = {"purifier": d} if isinstance(d, str) else dict(d)
         if "purifier" not in d:
-            raise ValueError(f"a defenses entry needs a purifier (a folder or 'none'), got {d}")
+            raise InputError(f"a defenses entry needs a purifier (a folder or 'none'), got {d}")
         changes = {k: v for k, v in d.items() if k not in ("purifier", "label")}
         budget = with_changes(cfg.budget, changes, where="a defenses entry (besides purifier and label)")
         bare = d["purifier"] in (None, "none")
@@ -70,17 +71,17 @@ def _label(folder) -> str:
 def check(cfg: EvalConfig) -> list[dict]:
     """Everything that can be wrong with `cfg`, before any work; returns the defenses to evaluate."""
     if cfg.norm not in NORMS:
-        raise ValueError(f"unknown norm {cfg.norm!r}; known: {', '.join(NORMS)}")
+        raise InputError(f"unknown norm {cfg.norm!r}; known: {', '.join(NORMS)}")
     if set(cfg.budget.steps) - set(ATTACKS):
-        raise ValueError(f"steps for unknown attack(s) {sorted(set(cfg.budget.steps) - set(ATTACKS))}")
+        raise InputError(f"steps for unknown attack(s) {sorted(set(cfg.budget.steps) - set(ATTACKS))}")
     if cfg.grad_checkpoint not in ("auto", "true", "false"):
-        raise ValueError(f"grad_checkpoint must be auto, true or false, got {cfg.grad_checkpoint!r}")
+        raise InputError(f"grad_checkpoint must be auto, true or false, got {cfg.grad_checkpoint!r}")
     if not Path(cfg.classifier).is_dir():
         raise FileNotFoundError(f"classifier folder {cfg.classifier} does not exist (train one with "
                                 "`python -m robust_data squeeze` or `python -m eval quickstart`)")
     plan = defenses(cfg)
     if any(a == "transfer" for d in plan for a in d["budget"].attacks) and not cfg.transfer_from:
-        raise ValueError("the transfer attack needs transfer_from: the purifier folder to craft the examples on")
+        raise InputError("the transfer attack needs transfer_from: the purifier folder to craft the examples on")
     return plan
 
 

@@ -6,6 +6,8 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from core.errors import InputError
+
 from .schedule import VPSchedule
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -20,7 +22,7 @@ def x0_from_output(out, x_t, alpha_bar, prediction_type: str):
         return a * x_t - s * out
     if prediction_type == "sample":
         return out
-    raise ValueError(f"unknown prediction_type {prediction_type!r}; known: {', '.join(PREDICTION_TYPES)}")
+    raise InputError(f"unknown prediction_type {prediction_type!r}; known: {', '.join(PREDICTION_TYPES)}")
 
 
 def eps_from_x0(x0, x_t, alpha_bar):
@@ -34,7 +36,7 @@ class UNetDenoiser(nn.Module):
                  clip_x0: bool = False, grad_checkpoint: bool = False):
         super().__init__()
         if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"unknown prediction_type {prediction_type!r}; known: {', '.join(PREDICTION_TYPES)}")
+            raise InputError(f"unknown prediction_type {prediction_type!r}; known: {', '.join(PREDICTION_TYPES)}")
         self.unet, self.schedule = unet, schedule
         self.prediction_type, self.clip_x0, self.grad_checkpoint = prediction_type, clip_x0, grad_checkpoint
 

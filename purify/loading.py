@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from core.errors import InputError
 from core.io import read_json, refuse_pickle
 
 from . import students  # noqa: F401 -- registers the student kinds
@@ -18,20 +19,20 @@ def _load_unet(folder: Path):
 
     cfg = read_json(folder / "config.json")
     if cfg.get("_class_name", "UNet2DModel") != "UNet2DModel":
-        raise ValueError(f"{folder}/config.json describes a {cfg['_class_name']}, not a diffusers UNet2DModel")
+        raise InputError(f"{folder}/config.json describes a {cfg['_class_name']}, not a diffusers UNet2DModel")
     if not (folder / UNET_WEIGHTS).is_file():
         refuse_pickle(folder, "UNet")
         raise FileNotFoundError(f"{folder} has a UNet config.json but no {UNET_WEIGHTS}")
     try:
         return UNet2DModel.from_pretrained(folder, use_safetensors=True)
     except (OSError, ValueError, RuntimeError) as e:
-        raise ValueError(f"could not load the UNet in {folder}: {e}") from None
+        raise InputError(f"could not load the UNet in {folder}: {e}") from None
 
 
 def _check_overrides(overrides: dict) -> None:
     unknown = sorted(set(overrides) - set(OVERRIDABLE))
     if unknown:
-        raise ValueError(f"unknown purifier override(s) {', '.join(unknown)}; valid: {', '.join(OVERRIDABLE)}")
+        raise InputError(f"unknown purifier override(s) {', '.join(unknown)}; valid: {', '.join(OVERRIDABLE)}")
 
 
 def _from_hub(repo_id: str) -> Path:
@@ -60,16 +61,16 @@ def load_purifier(source: str | Path, device="cpu", **overrides):
             raise FileNotFoundError(f"purifier folder {folder} does not exist")
         folder = _from_hub(source)
     if not folder.is_dir():
-        raise ValueError(f"{folder} is a file; load_purifier wants a purifier folder")
+        raise InputError(f"{folder} is a file; load_purifier wants a purifier folder")
 
     if (folder / "purifier.json").is_file():
         meta = read_json(folder / "purifier.json")
         kind = meta.get("kind")
         if kind not in KINDS:
-            raise ValueError(f"{folder}/purifier.json has unknown kind {kind!r}; known kinds: {', '.join(KINDS)}"
+            raise InputError(f"{folder}/purifier.json has unknown kind {kind!r}; known kinds: {', '.join(KINDS)}"
                              " (written by a newer toolkit?)")
         if meta.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(f"{folder} was written by a newer toolkit (format {meta['format_version']})")
+            raise InputError(f"{folder} was written by a newer toolkit (format {meta['format_version']})")
         if not (folder / "scheduler_config.json").is_file():
             raise FileNotFoundError(f"{folder} lacks scheduler_config.json")
         unet = _load_unet(folder)
@@ -85,5 +86,5 @@ def load_purifier(source: str | Path, device="cpu", **overrides):
         unet = _load_unet(unet_dir)
         return DiffPure(unet, read_json(sched), source={"unet": str(source)}, **overrides).to(device)
 
-    raise ValueError(f"{folder} is not a purifier folder (no purifier.json) nor a diffusers UNet folder "
+    raise InputError(f"{folder} is not a purifier folder (no purifier.json) nor a diffusers UNet folder "
                      f"(no config.json); found: {', '.join(sorted(p.name for p in folder.iterdir())[:8]) or 'nothing'}")

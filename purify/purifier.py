@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from core.errors import InputError
 from core.io import atomic_dir, atomic_write_json
 
 from .denoisers import UNetDenoiser
@@ -33,23 +34,23 @@ def label_of(meta: dict) -> str:
 def check_images(x, channels: int, image_size: tuple[int, int], who: str = "purifier") -> None:
     """Raise ValueError naming the problem unless x is a float NCHW batch in [0, 1] of the right shape."""
     if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{who} expects a torch.Tensor, got {type(x).__name__}")
+        raise InputError(f"{who} expects a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
-        raise ValueError(f"{who} expects a 4-D NCHW batch, got shape {tuple(x.shape)}")
+        raise InputError(f"{who} expects a 4-D NCHW batch, got shape {tuple(x.shape)}")
     if x.shape[1] != channels:
-        raise ValueError(f"{who} expects {channels} channel(s), got shape {tuple(x.shape)} (NCHW)")
+        raise InputError(f"{who} expects {channels} channel(s), got shape {tuple(x.shape)} (NCHW)")
     if tuple(x.shape[2:]) != tuple(image_size):
-        raise ValueError(f"{who} expects {image_size[0]}x{image_size[1]} images, got {x.shape[2]}x{x.shape[3]}")
+        raise InputError(f"{who} expects {image_size[0]}x{image_size[1]} images, got {x.shape[2]}x{x.shape[3]}")
     if not x.is_floating_point():
-        raise ValueError(f"{who} expects float pixels in [0, 1], got dtype {x.dtype}")
+        raise InputError(f"{who} expects float pixels in [0, 1], got dtype {x.dtype}")
     if x.numel() == 0:
-        raise ValueError(f"{who} got an empty batch")
+        raise InputError(f"{who} got an empty batch")
     bad = (~torch.isfinite(x)).sum().item()
     if bad:
-        raise ValueError(f"{who} input holds {bad} NaN or Inf value(s)")
+        raise InputError(f"{who} input holds {bad} NaN or Inf value(s)")
     lo, hi = x.min().item(), x.max().item()
     if lo < -1e-6 or hi > 1 + 1e-6:
-        raise ValueError(f"{who} expects pixels in [0, 1], got values in [{lo:.4g}, {hi:.4g}] "
+        raise InputError(f"{who} expects pixels in [0, 1], got values in [{lo:.4g}, {hi:.4g}] "
                          "(images in [-1, 1] or 0..255 must be rescaled first)")
 
 
@@ -109,11 +110,11 @@ class DiffPure(Purifier):
         size = cfg.sample_size if isinstance(cfg.sample_size, (tuple, list)) else (cfg.sample_size,) * 2
         super().__init__(cfg.in_channels, size, seed)
         if not 0 < float(t_star) <= 1:
-            raise ValueError(f"t_star must be in (0, 1], got {t_star}")
+            raise InputError(f"t_star must be in (0, 1], got {t_star}")
         if int(steps) != steps or steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {steps}")
+            raise InputError(f"steps must be a positive integer, got {steps}")
         if mode not in SAMPLERS:
-            raise ValueError(f"unknown mode {mode!r}; known: {', '.join(SAMPLERS)}")
+            raise InputError(f"unknown mode {mode!r}; known: {', '.join(SAMPLERS)}")
         self.schedule = VPSchedule.from_scheduler_config(scheduler_config)
         prediction_type = prediction_type or scheduler_config.get("prediction_type", "epsilon")
         self.denoiser = UNetDenoiser(unet, self.schedule, prediction_type, clip_x0)

@@ -41,8 +41,11 @@ def heun_step(denoiser, x_t, t, s, ab_t, ab_s):
     return torch.where(last, x_euler, x_heun)
 
 
-def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Gaussian noise from `generator` (never the global RNG when one is given)."""
+def randn_like(x: torch.Tensor, generator) -> torch.Tensor:
+    """Gaussian noise shaped like x from `generator`: a torch.Generator (never the global RNG when one is given),
+    or an injected noise source, a callable like -> tensor (an exported graph's noise inputs, in draw order)."""
+    if callable(generator):
+        return generator(x)
     device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from core.errors import InputError
+
 VARIANCE_TYPES = {"fixed_small": "posterior", "fixed_small_log": "posterior", "fixed_large": "beta",
                   "fixed_large_log": "beta"}
 
@@ -19,14 +21,14 @@ class VPSchedule:
     def __init__(self, alphas_cumprod: torch.Tensor, config: dict | None = None):
         acp = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
         if acp.ndim != 1 or not ((acp > 0) & (acp < 1)).all() or not (acp[1:] <= acp[:-1]).all():
-            raise ValueError("alphas_cumprod must be a decreasing 1-D sequence in (0, 1)")
+            raise InputError("alphas_cumprod must be a decreasing 1-D sequence in (0, 1)")
         self.T = len(acp)
         self.config = dict(config or {})
         # the reverse SDE's step variance: the DDPM posterior's (fixed_small, diffusers' default) or beta
         # (fixed_large: DiffPure's Euler-Maruyama step, and google/ddpm-cifar10-32's config)
         variance = self.config.get("variance_type") or "fixed_small"
         if variance not in VARIANCE_TYPES:
-            raise ValueError(f"variance_type {variance!r} is not supported (a learned variance needs a UNet with "
+            raise InputError(f"variance_type {variance!r} is not supported (a learned variance needs a UNet with "
                              f"twice the output channels); supported: {', '.join(VARIANCE_TYPES)}")
         self.variance_type = VARIANCE_TYPES[variance]
         self.alphas_cumprod = acp.float()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from core.errors import InputError
+
 from .purifier import DiffPure, register_purifier
 from .samplers import randn_like
 
@@ -61,7 +63,7 @@ class _Student(DiffPure):
     def from_config(cls, unet, scheduler_config, meta, **overrides):
         mode = overrides.pop("mode", cls.sampler_mode)
         if mode != cls.sampler_mode:
-            raise ValueError(f"a {cls.kind} student samples with mode {cls.sampler_mode!r} only, got mode {mode!r}")
+            raise InputError(f"a {cls.kind} student samples with mode {cls.sampler_mode!r} only, got mode {mode!r}")
         return super().from_config(unet, scheduler_config, meta, **overrides)
 
     @classmethod
@@ -69,7 +71,7 @@ class _Student(DiffPure):
         """purifier.json's constructor arguments, less the sampler, which the student's kind fixes."""
         args = super().arguments(meta)
         if args.pop("mode") != cls.sampler_mode:
-            raise ValueError(f"a {cls.kind} student samples with mode {cls.sampler_mode!r}, its purifier.json says "
+            raise InputError(f"a {cls.kind} student samples with mode {cls.sampler_mode!r}, its purifier.json says "
                              f"{meta['mode']!r}")
         return args
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from core.errors import InputError
 
 OBJECTIVES: dict[str, tuple] = {}  # name -> (objective, the SqueezeConfig keys it takes)
 
@@ -146,6 +147,6 @@ def adversarial(model, x, y, adv_eps: float = 1 / 255, adv_steps: int = 10, labe
 def get_objective(name: str, cfg=None):
     """The named objective with its settings (reg_lambda, reg_h, adv_eps, adv_steps) bound from `cfg`."""
     if name not in OBJECTIVES:
-        raise ValueError(f"unknown squeeze objective {name!r}; known: {', '.join(OBJECTIVES)}")
+        raise InputError(f"unknown squeeze objective {name!r}; known: {', '.join(OBJECTIVES)}")
     fn, settings = OBJECTIVES[name]
     return fn if cfg is None else functools.partial(fn, **{k: getattr(cfg, k) for k in settings})

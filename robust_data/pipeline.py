@@ -7,8 +7,9 @@ from pathlib import Path
 
 from core.checkpoint import classifier_meta
 from core.config import replace, save_config, to_dict
+from core.errors import InputError
 from core.io import atomic_write_json, read_json
-from core.training import run_stage
+from core.runs import run_stage
 
 from .objectives import get_objective
 from .recover import RecoverConfig, recover
@@ -50,7 +51,7 @@ def pipeline(cfg: PipelineConfig, out: str | Path) -> dict:
     out = Path(out)
     stages = stage_configs(cfg, out)
     if stages["recover"].ipc < 1:
-        raise ValueError(f"recover.ipc must be a positive integer, got {stages['recover'].ipc}")
+        raise InputError(f"recover.ipc must be a positive integer, got {stages['recover'].ipc}")
     get_objective(cfg.squeeze.objective)  # an unknown name fails here, before any stage runs
     if cfg.squeezed and not (Path(cfg.squeezed) / "config.json").is_file():
         raise FileNotFoundError(f"squeezed: {cfg.squeezed} is not a classifier folder (config.json missing)")

@@ -14,8 +14,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from core.checkpoint import load_classifier
+from core.errors import InputError
 from core.io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
-from core.training import open_shared_folder, same_config_or_fail, step_seed
+from core.runs import open_shared_folder, same_config_or_fail
+from core.seeding import step_seed
 
 from .distilled import save_distilled
 
@@ -43,7 +45,7 @@ def bn_layers(net: nn.Module) -> list[nn.BatchNorm2d]:
     """The BatchNorm2d layers recover matches, or an error saying the classifier has none."""
     layers = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
     if not layers:
-        raise ValueError("recover matches BatchNorm statistics, but the classifier has no BatchNorm2d layer "
+        raise InputError("recover matches BatchNorm statistics, but the classifier has no BatchNorm2d layer "
                          "(squeeze with arch convnet-bn, resnet18 or wrn-28-10)")
     return layers
 
@@ -65,7 +67,7 @@ class BNStatistics:
 
     def pop(self) -> torch.Tensor:
         """sum_l w_l (||mu_l - running_mean_l|| + ||var_l - running_var_l||) over the last forward."""
-        loss = sum(w * l for w, l in zip(self.weights, self.losses))
+        loss = sum(w * term for w, term in zip(self.weights, self.losses))
         self.losses = []
         return loss
 
@@ -153,13 +155,13 @@ def recover(cfg: RecoverConfig, out: str | Path) -> Path:
     """Synthesize cfg.ipc images per class; classes shard across accelerate processes; finished batches
     are kept in OUT/batches and skipped when the command is rerun. Writes OUT/distilled (see distilled.py)."""
     if cfg.ipc < 1 or int(cfg.ipc) != cfg.ipc:
-        raise ValueError(f"ipc must be a positive integer, got {cfg.ipc}")
+        raise InputError(f"ipc must be a positive integer, got {cfg.ipc}")
     if cfg.iterations < 1 or cfg.batch_size < 1:
-        raise ValueError("iterations and batch_size must be positive")
+        raise InputError("iterations and batch_size must be positive")
     if not 0 < cfg.min_crop <= 1:
-        raise ValueError(f"min_crop must be in (0, 1], got {cfg.min_crop}")
+        raise InputError(f"min_crop must be in (0, 1], got {cfg.min_crop}")
     if not cfg.classifier:
-        raise ValueError("recover needs classifier: the squeezed classifier folder")
+        raise InputError("recover needs classifier: the squeezed classifier folder")
     model = load_classifier(cfg.classifier)
     same_config_or_fail(out, cfg)
     net = model.net  # classifiers normalise inside (core.models.Normalized): optimise behind that front

@@ -11,8 +11,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from core.checkpoint import load_classifier
+from core.errors import InputError
 from core.io import atomic_save_tensors, atomic_write_json, load_tensors
-from core.training import open_shared_folder, same_config_or_fail, step_seed
+from core.runs import open_shared_folder, same_config_or_fail
+from core.seeding import step_seed
 
 from .distilled import load_distilled
 from .recover import random_resized_crop_params
@@ -65,9 +67,9 @@ def relabel(cfg: RelabelConfig, out: str | Path) -> Path:
     """Write OUT/soft_labels.safetensors: crops [epochs, N, 5] float32 and logits [epochs, N, C] float16.
     Epochs shard across accelerate processes; finished epochs (OUT/epochs) are kept across reruns."""
     if cfg.epochs < 1:
-        raise ValueError(f"epochs must be positive, got {cfg.epochs}")
+        raise InputError(f"epochs must be positive, got {cfg.epochs}")
     if not cfg.distilled or not cfg.classifier:
-        raise ValueError("relabel needs distilled (the recover stage's folder) and classifier (the squeezed one)")
+        raise InputError("relabel needs distilled (the recover stage's folder) and classifier (the squeezed one)")
     images, labels, meta = load_distilled(cfg.distilled)
     same_config_or_fail(out, cfg)
     teacher = load_classifier(cfg.classifier)

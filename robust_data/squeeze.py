@@ -11,9 +11,11 @@ import torch.nn.functional as F
 
 from core.checkpoint import save_classifier
 from core.datasets import load_dataset, to_tensors
+from core.errors import InputError
 from core.io import atomic_write_json
 from core.models import build_classifier, classifier_config_for
-from core.training import LoopConfig, cosine_schedule, fit, open_run
+from core.runs import open_run
+from core.training import LoopConfig, cosine_schedule, fit
 
 from .objectives import get_objective
 
@@ -72,9 +74,9 @@ def train_squeeze(cfg: SqueezeConfig, out: str | Path, resume: bool = False) -> 
     """Train the squeezed classifier with `cfg.objective`; writes OUT/classifier and returns it."""
     objective = get_objective(cfg.objective, cfg)
     if cfg.optimizer not in ("adamw", "sgd"):
-        raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {cfg.optimizer!r}")
+        raise InputError(f"optimizer must be 'adamw' or 'sgd', got {cfg.optimizer!r}")
     run = open_run(cfg, out, resume)
-    out, acc, train, info, log = run.out, run.acc, run.dataset, run.info, run.log
+    out, acc, train, info = run.out, run.acc, run.dataset, run.info
     test, _ = load_dataset(cfg.dataset, "test", root=cfg.data_root, image_size=cfg.image_size)
     mcfg = classifier_config_for(info, cfg.arch, width=cfg.width, depth=cfg.depth)
     total = max(1, math.ceil(cfg.epochs * len(train) / (cfg.batch_size * cfg.grad_accum * acc.num_processes)))
@@ -93,7 +95,7 @@ def train_squeeze(cfg: SqueezeConfig, out: str | Path, resume: bool = False) -> 
     def loss_fn(model, x, y, g):
         return objective(model, augment(x, cfg.crop_padding, cfg.hflip, g), y, label_smoothing=cfg.label_smoothing)
 
-    seconds = fit(acc, cfg, model, opt, lr_sched, loss_fn, train, step, total, out, log, lambda s: None,
+    seconds = fit(run, cfg, model, opt, lr_sched, loss_fn, step, total, lambda s: None,
                   {"model": acc.unwrap_model(model)}, f"squeeze ({cfg.objective})")["seconds"]
     return save_trained(acc, model, mcfg, test, out, cfg, {"objective": cfg.objective, "train_steps": total,
                                                           "train_seconds": seconds})

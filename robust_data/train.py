@@ -13,9 +13,11 @@ from torch.utils.data import TensorDataset
 
 from core.checkpoint import load_classifier
 from core.datasets import load_dataset
+from core.errors import InputError
 from core.io import load_tensors
 from core.models import build_classifier, classifier_config_for
-from core.training import LoopConfig, cosine_schedule, fit, open_run
+from core.runs import open_run
+from core.training import LoopConfig, cosine_schedule, fit
 
 from .distilled import load_distilled
 from .relabel import apply_crops, crop_params
@@ -56,28 +58,28 @@ def kd_loss(student_logits, teacher_logits, temperature: float) -> torch.Tensor:
 def train_distilled(cfg: TrainConfig, out: str | Path, resume: bool = False) -> Path:
     """Train the student; writes OUT/classifier (with its test accuracy) and returns it."""
     if not cfg.distilled:
-        raise ValueError("train needs distilled: the recover stage's folder")
+        raise InputError("train needs distilled: the recover stage's folder")
     images, labels, meta = load_distilled(cfg.distilled)
     online = cfg.soft_labels == "online"
     if online:
         if not cfg.teacher:
-            raise ValueError("soft_labels=online needs teacher: the squeezed classifier folder")
+            raise InputError("soft_labels=online needs teacher: the squeezed classifier folder")
         teacher = load_classifier(cfg.teacher).eval().requires_grad_(False)
         stored, n_sets = None, cfg.online_epochs
     else:
         if not cfg.soft_labels:
-            raise ValueError("train needs soft_labels: the relabel stage's folder (or 'online' with teacher)")
+            raise InputError("train needs soft_labels: the relabel stage's folder (or 'online' with teacher)")
         path = Path(cfg.soft_labels) / "soft_labels.safetensors"
         stored = load_tensors(path)
         if stored["logits"].shape[1] != len(labels):
-            raise ValueError(f"{path} labels {stored['logits'].shape[1]} images, the distilled folder has "
+            raise InputError(f"{path} labels {stored['logits'].shape[1]} images, the distilled folder has "
                              f"{len(labels)}: relabel this distilled data first")
         n_sets = stored["logits"].shape[0]
     run = open_run(cfg, out, resume)
-    out, acc, info, log = run.out, run.acc, run.info, run.log
+    out, acc, info = run.out, run.acc, run.info
     test, _ = load_dataset(cfg.dataset, "test", root=cfg.data_root, image_size=cfg.image_size)
     if tuple(images.shape[1:]) != (info.channels, info.image_size, info.image_size):
-        raise ValueError(f"distilled images are {tuple(images.shape[1:])}, dataset {cfg.dataset} is "
+        raise InputError(f"distilled images are {tuple(images.shape[1:])}, dataset {cfg.dataset} is "
                          f"{(info.channels, info.image_size, info.image_size)}")
     mcfg = classifier_config_for(info, cfg.arch, width=cfg.width, depth=cfg.depth)
     per_step = cfg.batch_size * cfg.grad_accum * acc.num_processes
@@ -115,8 +117,8 @@ def train_distilled(cfg: TrainConfig, out: str | Path, resume: bool = False) -> 
         return loss, {"kd": loss.detach(), "agree": (s.argmax(1) == t.argmax(1)).float().mean()}
 
     data = TensorDataset(torch.arange(len(labels)), labels)
-    seconds = fit(acc, cfg, model, opt, lr_sched, loss_fn, data, step, total, out, log, lambda s: None,
-                  {"model": acc.unwrap_model(model)}, "train on distilled data")["seconds"]
+    seconds = fit(run, cfg, model, opt, lr_sched, loss_fn, step, total, lambda s: None,
+                  {"model": acc.unwrap_model(model)}, "train on distilled data", dataset=data)["seconds"]
     return save_trained(acc, model, mcfg, test, out, cfg, {"distilled": cfg.distilled, "ipc": meta.get("ipc"),
                                                           "soft_labels": cfg.soft_labels, "train_steps": total,
                                                           "train_seconds": seconds})

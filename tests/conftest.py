@@ -14,6 +14,26 @@ def tiny_unet(channels: int = 1, size: int = 8, seed: int = 0) -> UNet2DModel:
                        up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4)
 
 
+def digits_cnn(channels: int = 1, steps: int = 120):
+    """A small CNN fitted to the digits (repeated to `channels` channels) in about a second (~95% on the test)."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    from core.datasets import load_dataset, to_tensors
+
+    torch.manual_seed(0)
+    x, y = to_tensors(load_dataset("digits", "train")[0])
+    x = x.repeat(1, channels, 1, 1)
+    model = nn.Sequential(nn.Conv2d(channels, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(8 * 64, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval()
+
+
 def scheduler_config(**kw) -> dict:
     return {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02,
             "prediction_type": "epsilon", "clip_sample": False, **kw}

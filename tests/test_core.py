@@ -5,9 +5,18 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from core import (ClassifierConfig, ConfigError, build_classifier, dataset_info, load_classifier, load_config,
-                  load_dataset, save_classifier, save_config)
-from core.training import StepBatchSampler
+from core import (
+    ClassifierConfig,
+    ConfigError,
+    build_classifier,
+    dataset_info,
+    load_classifier,
+    load_config,
+    load_dataset,
+    save_classifier,
+    save_config,
+)
+from core.seeding import StepBatchSampler
 
 
 def test_digits_is_embedded_fixed_and_in_range():
@@ -121,7 +130,8 @@ def test_dataset_info_presets():
 
 def test_a_stage_built_from_other_inputs_is_neither_reused_nor_continued(tmp_path):
     from core.config import save_config
-    from core.training import LoopConfig, run_stage
+    from core.runs import run_stage
+    from core.training import LoopConfig
 
     upstream = tmp_path / "teacher"
     upstream.mkdir()
@@ -140,5 +150,5 @@ def test_a_stage_built_from_other_inputs_is_neither_reused_nor_continued(tmp_pat
         run_stage(tmp_path / "student", cfg, train, "product", inputs={"teacher": upstream})
     assert calls == [False]  # the second call reused the finished stage
     (upstream / "model.safetensors").write_bytes(b"weights v2")
-    with pytest.raises(FileExistsError, match="built from another teacher"):
+    with pytest.raises(FileExistsError, match="a stage made with another teacher"):
         run_stage(tmp_path / "student", cfg, train, "product", inputs={"teacher": upstream})

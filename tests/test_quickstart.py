@@ -116,7 +116,7 @@ def test_a_pretrained_teacher_is_opened_with_the_configs_purification_and_saved_
     assert (p.t_star, p.steps, p.mode) == (0.2, 7, "ode")
     assert pretrained_teacher(cfg, tmp_path / "teacher") == folder  # reused
     other = quickstart_config(changes={"teacher_from": str(bare_unet_teacher), "teacher": {"purify_steps": 9}})
-    with pytest.raises(FileExistsError, match="another pretrained teacher"):
+    with pytest.raises(FileExistsError, match="a pretrained teacher made with another mode, steps, t_star"):
         pretrained_teacher(other, tmp_path / "teacher")
 
 

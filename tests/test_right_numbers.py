@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .conftest import scheduler_config, tiny_unet
 from core.datasets import load_dataset, to_tensors
 from eval import Defended, evaluate
 from eval.attacks import ATTACKS, build_attack
 from eval.checks import accuracy_checks
 from eval.harness import Job, summarize
 from purify import ConsistencyStudent, DiffPure, ProgressiveStudent, Purifier, load_purifier
+
+from .conftest import digits_cnn, scheduler_config, tiny_unet
 
 FEW = {"pgd": 3, "pgd-eot": 3, "bpda-eot": 3, "transfer": 3, "cw": 3, "mim": 3, "autoattack": 3,
        "autoattack-rand": 3}
@@ -30,17 +30,7 @@ def rgb(x):
 
 @pytest.fixture(scope="module")
 def clf():
-    torch.manual_seed(0)
-    x, y = to_tensors(load_dataset("digits", "train")[0])
-    x = rgb(x)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                          nn.Linear(8 * 64, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(100):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    return model.eval()
+    return digits_cnn(channels=3, steps=100)
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from robust_data.objectives import (OBJECTIVES, curvature_direction, get_objective, guard_penalty, input_grad,
-                                    split_normalization)
+from robust_data.objectives import OBJECTIVES, curvature_direction, get_objective, guard_penalty, input_grad, split_normalization
 
 
 def smooth_net(seed=0, dtype=torch.float64):
@@ -140,10 +139,10 @@ def test_recover_refuses_a_classifier_without_batchnorm(tmp_path):
 
 def test_soft_labels_regenerate_identically_from_the_stored_crops(tmp_path):
     from core.checkpoint import load_classifier, save_classifier
+    from core.io import load_tensors
     from core.models import ClassifierConfig, build_classifier
     from robust_data.distilled import save_distilled
     from robust_data.relabel import RelabelConfig, apply_crops, relabel
-    from core.io import load_tensors
 
     torch.manual_seed(0)
     cfg = ClassifierConfig(arch="convnet-bn", width=8, depth=2)
@@ -213,8 +212,8 @@ def test_recover_and_relabel_shard_across_two_processes(tmp_path):
     import sys
     from pathlib import Path
 
-    from robust_data.distilled import load_distilled
     from robust_data.__main__ import main
+    from robust_data.distilled import load_distilled
 
     main(["squeeze", "--out", str(tmp_path / "s"), "epochs=0.5", "width=8"])
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
@@ -229,3 +228,25 @@ def test_recover_and_relabel_shard_across_two_processes(tmp_path):
     from core.io import load_tensors
 
     assert load_tensors(tmp_path / "l" / "soft_labels.safetensors")["logits"].shape == (3, 20, 10)
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_every_squeeze_objective_keeps_the_contract(name):
+    """(model, x, y) -> (scalar loss, stats of scalars): finite, differentiable in the weights, its settings
+    bound from a SqueezeConfig, and the model left in the mode it was given in (the contract a new objective
+    meets by registering itself)."""
+    from robust_data.squeeze import SqueezeConfig
+
+    fn, settings = OBJECTIVES[name]
+    cfg = SqueezeConfig()
+    assert all(hasattr(cfg, k) for k in settings), settings
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 16, 3)).train()
+    x, y = torch.rand(6, 1, 4, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    loss, stats = get_objective(name, cfg)(model, x, y)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    assert all(torch.as_tensor(v).dim() == 0 for v in stats.values())
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert model.training and model[1].training

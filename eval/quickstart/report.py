@@ -1,0 +1,200 @@
+"""The main job's report: one JSON document, the markdown a person reads, and the figures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from core.checkpoint import classifier_meta
+from core.config import to_dict
+from core.datasets import load_dataset, to_tensors
+from core.io import load_tensors, read_json
+from core.plots import image_grid
+from purify import load_purifier
+
+from ..attacks import preset_eps
+from ..plots import pareto_front, robust_vs_eps, robust_vs_latency, training_curves
+from .config import QuickstartConfig
+
+
+def ms_per_image(latency: dict, defense: str, classifier: str, batch: int) -> float:
+    """Defense + classifier: the purifier's time alone plus the classifier's alone, per image."""
+    rows = latency["rows"]
+    clf = next(r for r in rows if r["purifier"] == "none" and r["classifier"] == classifier and r["batch_size"] == batch)
+    pur = 0.0 if defense == "undefended" else next(
+        r for r in rows if r["purifier"] == defense and r["batch_size"] == batch)["ms_per_image"]
+    return pur + clf["ms_per_image"]
+
+def build_report(cfg: QuickstartConfig, out: Path, fast: bool, classifiers: dict, purifiers: dict, evals: dict,
+                 latency: dict, pipelines: dict) -> dict:
+    """One JSON document: what each stage made, every (classifier, defense) row, latency, the Pareto fronts."""
+    batch = max(cfg.latency.batch_sizes)
+    rows = []
+    for clf, rep in evals.items():
+        for label, r in rep["defenses"].items():
+            rows.append({"classifier": clf, "defense": label, "nfe": r["nfe"], "evals": r["evals"],
+                         "examples": r["examples"], "clean": _avg_worst(r["clean"]),
+                         "attacks": {a: _avg_worst(s) for a, s in r["attacks"].items()},
+                         "all_attacks": r["worst_over_attacks"], "budgets": r["budgets"], "skipped": r["skipped"],
+                         "raised": r["raised"], "sweep": r["sweep"],
+                         "ms_per_image": ms_per_image(latency, label, clf, batch)})
+    fronts = {}
+    for clf in classifiers:
+        mine = [r for r in rows if r["classifier"] == clf]
+        front = pareto_front([(r["ms_per_image"], r["all_attacks"]) for r in mine])
+        fronts[clf] = [r["defense"] for r in sorted(mine, key=lambda r: r["ms_per_image"])
+                       if (r["ms_per_image"], r["all_attacks"]) in front]
+    train = {stage: read_json(out / stage / "train.json") for stage in ("teacher", "progressive", "consistency")}
+    teacher_lat = {r["batch_size"]: r["median_s"] for r in latency["rows"] if r["purifier"] == "teacher"}
+    std = classifier_meta(classifiers["standard"])
+    stages = {
+        "classifier": {"folder": str(classifiers["standard"]), "test_accuracy": std.get("test_accuracy"),
+                       "seconds": std.get("train_seconds", 0.0)},
+        "teacher": {"folder": str(purifiers["teacher"]), "seconds": train["teacher"]["seconds"],
+                    "unet_parameters": train["teacher"]["unet_parameters"],
+                    **{k: read_json(purifiers["teacher"] / "purifier.json").get(k) for k in ("t_star", "steps", "mode")}},
+        "progressive": {"students": [str(p) for k, p in purifiers.items() if k.startswith("progressive")],
+                        "seconds": train["progressive"]["seconds"]},
+        "consistency": {"students": [str(p) for k, p in purifiers.items() if k.startswith("consistency")],
+                        "seconds": train["consistency"]["seconds"]},
+        **{name: {k: p[k] for k in ("objective", "ipc", "squeezed_classifier", "distilled", "classifier",
+                                    "squeeze_test_accuracy", "test_accuracy")}
+           for name, p in (("sre2l", pipelines["sre2l"]), (cfg.robust_objective, pipelines["robust"]))},
+    }
+    return {
+        "dataset": cfg.dataset, "fast": fast, "out": str(out),
+        "threat": {"norm": "Linf", "eps": cfg.harness.eps if cfg.harness.eps is not None
+                   else preset_eps(cfg.dataset, "Linf")},
+        "machine": latency["settings"]["machine"], "stages": stages, "rows": rows, "pareto": fronts,
+        "latency": {"batch_size_for_ms": batch, "rows": [
+            {**{k: r[k] for k in ("purifier", "batch_size", "nfe", "median_s", "p90_s", "ms_per_image", "images_per_s")},
+             "classifier": r.get("classifier"),
+             "speedup_vs_teacher": (teacher_lat[r["batch_size"]] / r["median_s"]) if r["purifier"] != "none" else None}
+            for r in latency["rows"]]},
+        "figures": ["robust_vs_latency.png", "robust_vs_eps.png", "purification_grid.png", "training_curves.png"],
+        "config": to_dict(cfg),
+    }
+
+def _avg_worst(s: dict) -> dict:
+    return {"average": s["average"], "worst": s["worst"]}
+
+def figures(cfg: QuickstartConfig, out: Path, report: dict, evals: dict, purifiers: dict) -> None:
+    """robust_vs_latency.png, robust_vs_eps.png, purification_grid.png, training_curves.png."""
+    rows = report["rows"]
+    robust_vs_latency([{"classifier": r["classifier"], "defense": r["defense"], "ms": r["ms_per_image"],
+                        "accuracy": r["all_attacks"]} for r in rows], out / "robust_vs_latency.png",
+                      chance=next(iter(evals.values()))["defenses"]["undefended"]["chance"])
+    curves = {f"{r['classifier']} / {r['defense']}": [(s["eps"], s["accuracy"]) for s in r["sweep"]]
+              for r in rows if r["sweep"]}
+    robust_vs_eps(curves, out / "robust_vs_eps.png")
+    _grid(cfg, out, purifiers)
+    logs = {"classifier (squeeze)": out / "classifier" / "log.jsonl", "teacher (DDPM)": out / "teacher" / "log.jsonl",
+            "progressive": out / "progressive" / "log.jsonl", "consistency": out / "consistency" / "log.jsonl",
+            f"{cfg.robust_objective} squeeze": out / cfg.robust_objective / "squeeze" / "log.jsonl",
+            f"student on {cfg.robust_objective} data": out / cfg.robust_objective / "train" / "log.jsonl"}
+    training_curves(logs, out / "training_curves.png")
+
+def _grid(cfg: QuickstartConfig, out: Path, purifiers: dict) -> None:
+    """Clean test images, their adversarial versions (the standard classifier's first purified defense with saved
+    samples), and what each purifier makes of the adversarial ones."""
+    test, _ = load_dataset(cfg.dataset, "test", root=cfg.data_root)
+    x, y = to_tensors(test, cfg.harness.budget.n, seed=cfg.seed)
+    for label in sorted(purifiers, key=lambda k: k != "consistency-1"):
+        for a in ("pgd-eot", "bpda-eot", "pgd"):
+            f = out / "eval" / "standard" / label / "samples" / f"{a}_0.safetensors"
+            if f.is_file():
+                adv = load_tensors(f)["adversarial"][:10]
+                rows = {"clean": x[:len(adv)], f"{a} vs {label}": adv}
+                with torch.no_grad():
+                    for name, d in purifiers.items():
+                        rows[name] = load_purifier(d).manual_seed(cfg.seed)(adv)
+                image_grid(rows, out / "purification_grid.png", labels=[str(int(v)) for v in y[:len(adv)]])
+                return
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+def render(r: dict) -> str:
+    """The report a person reads."""
+    rows, st, h = r["rows"], r["stages"], r["config"]["harness"]
+    present = {a for row in rows for a in row["attacks"]}
+    attacks = [a for a in dict.fromkeys(h["bare"].get("attacks", []) + h["budget"]["attacks"] + sorted(present))
+               if a in present]
+    t = r["threat"]
+    head = ["classifier", "defense", "NFE", "ms / image", "clean"] + attacks + ["all attacks", "flags"]
+    lines = [f"# Quickstart report ({r['dataset']}{', --fast: a smoke run, not results' if r['fast'] else ''})", "",
+             f"{t['norm']} epsilon {t['eps']:.4g}. Accuracy in %, average / worst case over R evaluations with fresh "
+             "attack and purifier randomness (worst: robust only if the example survives all R); `all attacks`: "
+             "survives every attack in every evaluation. ms / image: the defense plus the classifier at batch "
+             f"{r['latency']['batch_size_for_ms']} on {r['machine']}.", "",
+             "## Every classifier behind every defense", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["classifier"], row["defense"], str(row["nfe"]), f"{row['ms_per_image']:.2f}",
+                 _aw(row["clean"], row["evals"])]
+        cells += [_aw(row["attacks"][a], row["evals"]) if a in row["attacks"] else "n/a" for a in attacks]
+        cells += [_pct(row["all_attacks"]), ", ".join(row["raised"]) or "none"]
+        lines.append("| " + " | ".join(cells) + " |")
+    budgets = {}
+    for row in rows:
+        budgets.setdefault(_budget_line(row), []).append(f"{row['classifier']}/{row['defense']}")
+    lines += ["", "Budgets (reduced, to fit the quickstart; `python -m eval robustness --config "
+              "configs/digits/eval.yaml` runs the full ones):", ""]
+    for key, who in budgets.items():
+        defenses = sorted({w.split("/", 1)[1] for w in who})
+        lines.append(f"- {', '.join(defenses)}: {key}")
+    lines += ["", "`pgd` on a purified classifier follows the full gradient of one purification per step; `pgd-eot` "
+              "averages it over EOT purifications; `bpda-eot` replaces the purifier's backward pass by the identity "
+              "(the only gradient attack the 100-step teacher gets here: full gradients through it cost a hundred "
+              "student steps, so its row is an upper bound and not comparable to the students').", "",
+              "## Robustness against latency", "", "![robust accuracy against ms per image](robust_vs_latency.png)", "",
+              "The Pareto front, fastest first (no other defense is both faster and more robust, `all attacks`; "
+              "the teacher's point comes from its weaker attack):", ""]
+    lines += [f"- {clf}: " + " -> ".join(front) for clf, front in r["pareto"].items()]
+    sweeps = [row for row in rows if row["sweep"]]
+    if sweeps:
+        lines += ["", "## Robust accuracy against epsilon", "", "![robust accuracy against epsilon](robust_vs_eps.png)",
+                  ""]
+        lines += [f"- {row['classifier']} / {row['defense']}: " +
+                  ", ".join(f"{p['eps']:g}: {_pct(p['accuracy'])}" for p in row["sweep"]) for row in sweeps]
+    lines += ["", "## Clean, adversarial, purified", "", "![clean / adversarial / purified](purification_grid.png)", "",
+              "## Latency", "", "| purifier / classifier | NFE | batch | median s | ms / image | images / s | "
+              "speed-up vs teacher |", "|---|---|---|---|---|---|---|"]
+    for x in r["latency"]["rows"]:
+        who = x["purifier"] if x["purifier"] != "none" else f"{x['classifier']} classifier alone"
+        sp = "-" if x["speedup_vs_teacher"] is None else f"{x['speedup_vs_teacher']:.1f}x"
+        lines.append(f"| {who} | {x['nfe']} | {x['batch_size']} | {x['median_s']:.4f} | {x['ms_per_image']:.2f} | "
+                     f"{x['images_per_s']:.1f} | {sp} |")
+    robust = r["config"]["robust_objective"]
+    lines += ["", "## What each stage made", "", "| stage | result | training s | folder |", "|---|---|---|---|",
+              f"| standard classifier | test accuracy {_pct(st['classifier']['test_accuracy'])}% | "
+              f"{st['classifier']['seconds']:.0f} | `{st['classifier']['folder']}` |",
+              f"| DiffPure teacher | {st['teacher']['unet_parameters'] / 1e6:.2f}M-parameter UNet, t_star "
+              f"{st['teacher']['t_star']}, {st['teacher']['steps']} {st['teacher']['mode']} steps | "
+              f"{st['teacher']['seconds']:.0f} | `{st['teacher']['folder']}` |",
+              f"| progressive students | {len(st['progressive']['students'])} students | "
+              f"{st['progressive']['seconds']:.0f} | `{Path(st['progressive']['students'][0]).parent}` |",
+              f"| consistency students | {len(st['consistency']['students'])} students | "
+              f"{st['consistency']['seconds']:.0f} | `{Path(st['consistency']['students'][0]).parent}` |"]
+    for name in ("sre2l", robust):
+        p = st[name]
+        lines.append(f"| {name} data ({p['ipc']} per class, squeeze {p['objective']}) | squeezed model "
+                     f"{_pct(p['squeeze_test_accuracy'])}%, student trained on the data {_pct(p['test_accuracy'])}% | "
+                     f"- | `{p['distilled']}` |")
+    raised = [f"{row['classifier']}/{row['defense']}: {', '.join(row['raised'])}" for row in rows if row["raised"]]
+    lines += ["", "## Gradient-masking checks", "",
+              ("Raised: " + "; ".join(raised) + ". See `eval/<classifier>/report.md` for each flag's numbers and "
+               "meaning." if raised else "No flag raised on any row (`eval/<classifier>/report.md` lists every "
+               "check with its numbers)."),
+              "", "Seconds this run (a reused stage takes about 0): " +
+              ", ".join(f"{k} {v:.0f}" for k, v in r.get("seconds", {}).items()) + ".", "",
+              f"Per-classifier harness reports: `eval/<classifier>/report.md`; per-example records: "
+              f"`eval/<classifier>/<defense>/examples.jsonl`; n = {h['budget']['n']} test images per purified row.", ""]
+    return "\n".join(lines)
+
+def _aw(s: dict, evals: int) -> str:
+    return _pct(s["average"]) if evals == 1 else f"{_pct(s['average'])} / {_pct(s['worst'])}"
+
+def _budget_line(row: dict) -> str:
+    return "; ".join(f"{a}: {b}" for a, b in row["budgets"].items()) + f"; n {row['examples']}, R {row['evals']}"

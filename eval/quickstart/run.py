@@ -1,0 +1,147 @@
+"""The main job's orchestration: the five stages, each reused when unchanged and resumed when interrupted."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from core.checkpoint import load_classifier
+from core.config import replace, save_config, to_dict
+from core.errors import InputError
+from core.io import atomic_write_json, atomic_write_text, read_json
+from core.runs import process_state, run_stage, same_inputs_or_fail, same_or_fail
+from distill.consistency import train_consistency
+from distill.progressive import rounds, train_progressive
+from distill.teacher import train_teacher
+from purify import load_purifier
+from robust_data.pipeline import PipelineConfig, pipeline
+from robust_data.squeeze import train_squeeze
+
+from ..latency import benchmark, device_name, time_module
+from ..robustness import run_robustness
+from .config import QuickstartConfig, eval_config, quickstart_config, stage_configs
+from .report import build_report, figures, render
+
+
+def measure_latency(cfg: QuickstartConfig, purifiers: dict[str, Path], classifiers: dict[str, Path],
+                    folder: Path) -> dict:
+    """Every purifier and every classifier alone at each batch size; reused when nothing changed."""
+    lat = cfg.latency
+    settings = {**to_dict(lat), "machine": device_name("cuda" if torch.cuda.is_available() else "cpu")}
+    same_inputs_or_fail(folder, {**purifiers, **{f"{k} classifier": v for k, v in classifiers.items()}})
+    done = folder / "latency.json"
+    if same_or_fail(folder / "settings.json", settings, "latency timings") and done.is_file():
+        print(f"[{folder.name}] unchanged: reusing {done}")
+        return read_json(done)
+    loaded = {k: load_purifier(v) for k, v in purifiers.items()}
+    shape = (loaded["teacher"].channels, *loaded["teacher"].image_size)
+    rows = benchmark(loaded, None, lat.batch_sizes, lat.warmup, lat.repeats)
+    device = torch.device(rows[0]["device"])
+    for name, d in classifiers.items():
+        clf = load_classifier(d, device)
+        for b in lat.batch_sizes:
+            x = torch.rand(b, *shape, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
+            r = time_module(clf, x, lat.warmup, lat.repeats)
+            rows.append({"variant": "plain", "device": str(device), "purifier": "none", "classifier": name,
+                         "batch_size": b, "nfe": 0, **r, "images_per_s": b / r["median_s"],
+                         "ms_per_image": 1000 * r["median_s"] / b})
+    result = {"settings": settings, "rows": rows}
+    atomic_write_json(done, result)
+    return result
+
+def pretrained_teacher(cfg: QuickstartConfig, folder: Path) -> Path:
+    """`teacher_from` opened as a DiffPure purifier with the config's t_star / steps / mode, saved once to
+    FOLDER/purifier so that every later stage reads one local folder."""
+    product, source = folder / "purifier", folder / "pretrained.json"
+    settings = {"teacher_from": cfg.teacher_from, "t_star": cfg.teacher.t_star, "steps": cfg.teacher.purify_steps,
+                "mode": cfg.teacher.mode}
+    if same_or_fail(source, settings, "a pretrained teacher", write=False):
+        print(f"[{folder.name}] unchanged: reusing {product}")
+        return product
+    if process_state().is_main_process:
+        p = load_purifier(cfg.teacher_from, t_star=cfg.teacher.t_star, steps=cfg.teacher.purify_steps,
+                          mode=cfg.teacher.mode)
+        p.save(product)
+        atomic_write_json(folder / "train.json", {"seconds": 0.0, "pretrained": cfg.teacher_from,
+                                                  "unet_parameters": sum(t.numel() for t in p.unet.parameters())})
+        atomic_write_json(source, settings)
+    process_state().wait_for_everyone()
+    return product
+
+def quickstart(out: str | Path = "runs/quickstart", fast: bool = False, cfg: QuickstartConfig | None = None) -> dict:
+    """Run (reuse, resume) the five stages into OUT and write OUT/report.{md,json} and the plots."""
+    cfg = cfg or quickstart_config(fast)
+    out = Path(out)
+    stages = stage_configs(cfg)
+    plan = rounds(stages["progressive"])  # bad budgets fail here, before any training
+    if not cfg.student_steps or set(cfg.student_steps) - set(plan):
+        raise InputError(f"student_steps {cfg.student_steps} must be progressive rounds of "
+                         f"start_steps {cfg.progressive.start_steps}: {plan}")
+    if cfg.recover.ipc < 1:
+        raise InputError(f"recover.ipc must be a positive integer, got {cfg.recover.ipc}")
+    if process_state().is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    clock, t_start = {}, time.perf_counter()
+
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        result = fn()
+        clock[name] = round(time.perf_counter() - t0, 1)
+        return result
+
+    print("stage 1/5: the standard classifier and the DiffPure teacher")
+    if cfg.classifier_from:
+        clf = Path(cfg.classifier_from)
+        load_classifier(clf)  # a wrong folder fails here, with the reason
+    else:
+        clf = timed("classifier", lambda: run_stage(out / "classifier", stages["classifier"], train_squeeze,
+                                                    "classifier"))
+    if cfg.teacher_from:
+        teacher = timed("teacher", lambda: pretrained_teacher(cfg, out / "teacher"))
+    else:
+        teacher = timed("teacher", lambda: run_stage(out / "teacher", stages["teacher"], train_teacher, "purifier"))
+
+    print("stage 2/5: progressive and consistency students")
+    timed("progressive", lambda: run_stage(out / "progressive", stages["progressive"],
+                                           lambda c, o, resume: train_progressive(c, teacher, o, resume), "students",
+                                           inputs={"teacher": teacher}))
+    timed("consistency", lambda: run_stage(out / "consistency", stages["consistency"],
+                                           lambda c, o, resume: train_consistency(c, teacher, o, resume), "students",
+                                           inputs={"teacher": teacher}))
+    purifiers = {"teacher": teacher}
+    for kind in ("progressive", "consistency"):
+        purifiers.update({f"{kind}-{k}": out / kind / "students" / f"steps-{k}" for k in sorted(cfg.student_steps)})
+
+    print(f"stage 3/5: SRe2L and {cfg.robust_objective} distilled data ({cfg.recover.ipc} images per class)")
+    shared = {"dataset": cfg.dataset, "data_root": cfg.data_root, "recover": to_dict(cfg.recover),
+              "relabel": to_dict(cfg.relabel), "train": to_dict(stages["distilled_train"])}
+    sre2l = timed("sre2l", lambda: pipeline(replace(PipelineConfig(), {
+        **shared, "squeezed": str(clf), "squeeze": to_dict(stages["classifier"])}), out / "sre2l"))
+    robust = timed(cfg.robust_objective, lambda: pipeline(replace(PipelineConfig(), {
+        **shared, "squeeze": to_dict(stages["robust_squeeze"])}), out / cfg.robust_objective))
+    classifiers = {"standard": clf, "sre2l": Path(sre2l["classifier"]),
+                   f"{cfg.robust_objective}": Path(robust["classifier"])}
+
+    print("stage 4/5: every classifier bare and behind every purifier, standard and adaptive attacks")
+    evals = {}
+    for name, folder in classifiers.items():
+        print(f"[eval] classifier: {name}")
+        where = out / "eval" / name
+        same_inputs_or_fail(where, {"classifier": folder, **purifiers})
+        evals[name] = timed(f"eval {name}", lambda: run_robustness(eval_config(cfg, folder, purifiers), where))
+
+    if not process_state().is_main_process:  # under `accelerate launch`: the main process times and reports
+        return {}
+    print("stage 5/5: latency of every defense")
+    latency = timed("latency", lambda: measure_latency(cfg, purifiers, classifiers, out / "latency"))
+
+    report = build_report(cfg, out, fast, classifiers, purifiers, evals, latency, {"sre2l": sre2l, "robust": robust})
+    report["seconds"] = {"total": round(time.perf_counter() - t_start, 1), **clock}
+    figures(cfg, out, report, evals, purifiers)
+    atomic_write_json(out / "report.json", report, sort_keys=False)
+    atomic_write_text(out / "report.md", render(report))
+    print(render(report))
+    return report
