@@ -227,7 +227,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks=None, *
     result = summarize(names, R, jobs, records, y.cpu(), n, b.batch_size, stochastic, chance=1 / n_classes,
                        tolerance=b.tolerance, flags=flags, large=big)
     result.update(threat={"norm": norm, "eps": eps, "large_eps": big},
-                  budgets=budgets(names, b, eot, n_classes, stochastic), skipped=skipped, evals=R,
+                  budgets=budgets(names, b, norm, eps, eot, n_classes, stochastic), skipped=skipped, evals=R,
                   stochastic=stochastic, examples=n, nfe=getattr(purifier, "nfe", 0), chance=1 / n_classes)
     return result
 
@@ -246,9 +246,9 @@ def _gather(acc, rec):
     return gather_object([rec])
 
 
-def budgets(attacks, b: Budget, eot: int, n_classes: int, stochastic: bool) -> dict:
+def budgets(attacks, b: Budget, norm: str, eps: float, eot: int, n_classes: int, stochastic: bool) -> dict:
     """What each attack was allowed, in words a reader can check."""
-    return {a: ATTACKS[a].budget(AttackContext("", 0.0, b.steps.get(a) or ATTACKS[a].steps, n_classes, b.seed, eot,
+    return {a: ATTACKS[a].budget(AttackContext(norm, eps, b.steps.get(a) or ATTACKS[a].steps, n_classes, b.seed, eot,
                                                b.queries, stochastic)) for a in attacks}
 
 

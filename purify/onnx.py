@@ -73,7 +73,7 @@ def export_onnx(purifier: Purifier, path: str | Path, classifier: nn.Module | No
                          f"{purifier.nfe} UNet passes (file and session start grow with it, and the point of a "
                          f"student is to avoid them); export a student of at most {max_nfe} steps, or raise max_nfe")
     if opset < MIN_OPSET:
-        raise InputError(f"opset {opset} is too old: the UNet's attention and group norm need opset {MIN_OPSET} "
+        raise InputError(f"opset {opset} is too old: the UNet's attention (scaled_dot_product_attention) needs opset {MIN_OPSET} "
                          "or newer (the default is 17)")
     if batch != "dynamic" and (not isinstance(batch, int) or batch < 1):
         raise InputError(f"batch must be 'dynamic' or a positive integer, got {batch!r}")

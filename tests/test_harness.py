@@ -111,7 +111,7 @@ def test_frozen_or_global_noise_raises_the_randomness_flags(clf, data):
     assert "purifier-not-reproducible" in glob["raised"]
 
 
-def test_worst_case_is_at_most_the_average_and_matches_the_per_example_records(clf, data):
+def test_worst_case_is_at_most_the_average_over_evaluations_that_differ(clf, data):
     x, y = data
     r = evaluate(Defended(Noise(), clf), x, y, ["pgd-eot"], evals=3, eps=0.1, steps={"pgd-eot": 3}, eot=1,
                  check_steps=False, progress=None)
@@ -120,8 +120,9 @@ def test_worst_case_is_at_most_the_average_and_matches_the_per_example_records(c
         assert s["worst"] <= s["average"] + 1e-9
     per = torch.tensor(r["per_example"]["pgd-eot"])  # examples x R
     assert per.shape == (32, 3)
-    assert r["attacks"]["pgd-eot"]["worst"] == pytest.approx(per.all(1).float().mean().item())
-    assert r["attacks"]["pgd-eot"]["average"] == pytest.approx(per.float().mean().item())
+    # the three evaluations really differ (fresh randomness each): otherwise worst == average trivially
+    assert len(set(map(tuple, per.T.tolist()))) > 1
+    # (the worst-case and "all attacks" formulas are checked on a hand-made matrix in test_right_numbers)
 
 
 def test_eot_gradient_is_the_mean_of_that_many_sampled_gradients(clf, data):
