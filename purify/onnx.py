@@ -14,7 +14,7 @@ import torch.nn as nn
 from core.errors import InputError
 from core.io import atomic_write_json
 
-from .purifier import Purifier
+from .purifier import Purifier, check_images
 
 MAX_NFE = 8  # the graph unrolls every network evaluation: a 100-step teacher is 100 UNet copies of nodes
 MIN_OPSET = 14
@@ -64,7 +64,8 @@ class NoiseInputGraph(nn.Module):
 def export_onnx(purifier: Purifier, path: str | Path, classifier: nn.Module | None = None, opset: int = 17,
                 batch: int | str = "dynamic", max_nfe: int = MAX_NFE) -> dict:
     """Write `path` (ONNX: inputs `images` [N, C, H, W] in [0, 1] and `noise_0`..`noise_{k-1}`, output `purified`
-    or `logits`) and `path`.json (what it is); returns that description. Refuses long purifiers (see MAX_NFE)."""
+    or `logits`) and `path`.json (what it is); returns that description. Refuses long purifiers (see MAX_NFE).
+    The purifier and classifier are moved to the CPU to be traced."""
     _need("onnx")
     if not isinstance(purifier, Purifier):
         raise InputError(f"export_onnx wants a purifier (purify.load_purifier(...)), got {type(purifier).__name__}")
@@ -141,6 +142,9 @@ class OnnxPurifier:
         return self
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if "input_shape" in self.meta:
+            c, h, w = self.meta["input_shape"]
+            check_images(x, c, (h, w), who="OnnxPurifier")
         x = x.detach().float().cpu().contiguous()
         feed = {"images": x.numpy()}
         for name in self.inputs[1:]:
