@@ -258,29 +258,26 @@ def _apgd_best(attack):
     return lambda x, y: [attack.perturb(x, y, best_loss=True)[1]]
 
 
-def _apgdt_best(attack):
-    """APGD-T: the highest-loss point against each target class."""
+def _per_target(attack, single_run):
+    """One candidate per target class (the 2nd, 3rd, ... highest-scoring classes), as torchattacks' loop does."""
     def run(x, y):
         torch.manual_seed(attack.seed)
         out = []
         for target in range(2, attack.n_target_classes + 2):
             attack.target_class = target
-            out.append(attack.attack_single_run(x, y)[0])
+            out.append(single_run(x, y))
         return out
     return run
+
+
+def _apgdt_best(attack):
+    """APGD-T: the highest-loss point against each target class."""
+    return _per_target(attack, lambda x, y: attack.attack_single_run(x, y)[0])
 
 
 def _fab_points(attack):
     """FAB-T: the boundary point it found against each target class (the input where it found none)."""
-    def run(x, y):
-        torch.manual_seed(attack.seed)
-        out = []
-        with torch.no_grad():
-            for target in range(2, attack.n_target_classes + 2):
-                attack.target_class = target
-                out.append(attack.attack_single_run_targeted(x, y))
-        return out
-    return run
+    return _per_target(attack, torch.no_grad()(attack.attack_single_run_targeted))
 
 
 def _square_best(attack):
