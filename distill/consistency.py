@@ -15,9 +15,20 @@ from core.runs import open_run
 from core.training import ema_update, fit, make_ema, make_optimizer
 from purify import ConsistencyDenoiser, ConsistencyStudent, UNetDenoiser, load_purifier
 from purify.samplers import ddim_step, heun_step
+from purify.students import sample_consistency
 
 from .distances import get_distance
-from .loop import StudentConfig, peak_memory_mb, student_dir, student_inputs
+from .loop import (
+    StudentBatch,
+    StudentConfig,
+    check_adversarial,
+    classifier_term,
+    k_step_purify,
+    peak_memory_mb,
+    student_dir,
+    student_inputs,
+    with_classifier_term,
+)
 
 SOLVERS = ("ddim", "heun")
 
@@ -47,24 +58,28 @@ def validate(cfg: ConsistencyConfig, t_star: float) -> None:
         raise InputError(f"target_ema must be in [0, 1), got {cfg.target_ema}")
 
 
-def consistency_loss(student_f, target_f, teacher, x0, cfg: ConsistencyConfig, t_star: float, distance, g,
-                     x_clean=None, clean_mask=None):
-    """d(f_theta(x_{t_n+1}, t_n+1), f_theta-(x_hat_{t_n}, t_n)) with x_hat_{t_n} one teacher ODE step from x_{t_n+1}."""
-    sched, n_scales = teacher.schedule, cfg.num_scales
+def consistency_loss(student_f, target_f, teacher, batch: StudentBatch, cfg: ConsistencyConfig, t_star: float,
+                     distance, g):
+    """d(f_theta(x_{t_n+1}, t_n+1), f_theta-(x_hat_{t_n}, t_n)) with x_hat_{t_n} one teacher ODE step from x_{t_n+1}.
+
+    The student sees x_{t_n+1} of `batch.x`; the teacher's step and the target network start from that of
+    `batch.x_ref` under the same noise (the same point unless adversarial rows take the clean image's target)."""
+    sched, n_scales, x0 = teacher.schedule, cfg.num_scales, batch.x
     n = torch.randint(0, n_scales, (x0.shape[0],), generator=g, device=g.device).to(x0.device).double()
     t_hi = cfg.t_min + (t_star - cfg.t_min) * (n + 1) / n_scales
     t_lo = cfg.t_min + (t_star - cfg.t_min) * n / n_scales
     ab_hi, ab_lo = (sched.alpha_bar(v).float().view(-1, 1, 1, 1) for v in (t_hi, t_lo))
     eps = torch.randn(x0.shape, generator=g, device=g.device).to(x0)
     z = ab_hi.sqrt() * x0 + (1 - ab_hi).sqrt() * eps
+    z_ref = z if batch.x_ref is x0 else ab_hi.sqrt() * batch.x_ref + (1 - ab_hi).sqrt() * eps
     with torch.no_grad():
         if cfg.solver == "ddim":
-            z_lo = ddim_step(z, teacher(z, t_hi.float()), ab_hi, ab_lo)
+            z_lo = ddim_step(z_ref, teacher(z_ref, t_hi.float()), ab_hi, ab_lo)
         else:
-            z_lo = heun_step(teacher, z, t_hi.float(), t_lo.float(), ab_hi, ab_lo)
+            z_lo = heun_step(teacher, z_ref, t_hi.float(), t_lo.float(), ab_hi, ab_lo)
         target = target_f(z_lo, t_lo.float())
-        if clean_mask is not None:
-            target = torch.where(clean_mask.view(-1, 1, 1, 1), x_clean, target)
+        if batch.clean_target:
+            target = torch.where(batch.adv.view(-1, 1, 1, 1), batch.clean, target)
     pred = student_f(z, t_hi.float())
     return distance(pred, target).mean(), {"mse": (pred - target).float().square().mean().detach()}
 
@@ -74,6 +89,7 @@ def train_consistency(cfg: ConsistencyConfig, teacher_dir: str | Path, out: str 
     teacher_p = load_purifier(teacher_dir)
     t_star = cfg.t_star or teacher_p.t_star
     validate(cfg, t_star)
+    check_adversarial(cfg.adversarial)
     distance = get_distance(cfg.distance, cfg.huber_c)
     run = open_run(cfg, out, resume)
     out, acc = run.out, run.acc
@@ -93,9 +109,18 @@ def train_consistency(cfg: ConsistencyConfig, teacher_dir: str | Path, out: str 
     student_f = ConsistencyDenoiser(UNetDenoiser(model, teacher.schedule, kind), **scalings)
     target_f = ConsistencyDenoiser(UNetDenoiser(target, teacher.schedule, kind), **scalings)
 
+    attacked_f = ConsistencyDenoiser(UNetDenoiser(acc.unwrap_model(model), teacher.schedule, kind), **scalings)
+
     def loss_fn(model, x, y, g):
-        x_in, x_clean, mask = student_inputs(x, y, classifier, cfg.adversarial, g)
-        return consistency_loss(student_f, target_f, teacher, x_in, cfg, t_star, distance, g, x_clean, mask)
+        purify = None
+        if classifier is not None:  # the adaptive attack and classifier term use a K drawn from student_steps
+            k = cfg.student_steps[int(torch.randint(len(cfg.student_steps), (1,), generator=g, device=g.device))]
+            purify = (k_step_purify(attacked_f, sample_consistency, teacher.schedule, t_star, k),
+                      k_step_purify(student_f, sample_consistency, teacher.schedule, t_star, k))
+        batch = student_inputs(x, y, classifier, cfg.adversarial, g, purify and purify[0])
+        loss, stats = consistency_loss(student_f, target_f, teacher, batch, cfg, t_star, distance, g)
+        term = classifier_term(classifier, purify and purify[1], batch, cfg.adversarial, g)
+        return with_classifier_term(loss, stats, term, cfg.adversarial)
 
     def on_step(s):
         net = acc.unwrap_model(model)
@@ -111,7 +136,7 @@ def train_consistency(cfg: ConsistencyConfig, teacher_dir: str | Path, out: str 
                                seed=cfg.seed, consistency=scalings,
                                source={"trained_by": "distill consistency", "teacher": str(teacher_dir),
                                        "run": str(out), "solver": cfg.solver, "distance": cfg.distance,
-                                       "adversarial": cfg.adversarial.classifier is not None}
+                                       "adversarial": cfg.adversarial.describe()}
                                ).save(student_dir(out, k))
         atomic_write_json(out / "train.json", {**stats, "processes": acc.num_processes,
                                                "peak_memory_mb": peak_memory_mb(acc.device)})

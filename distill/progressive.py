@@ -16,9 +16,19 @@ from core.io import atomic_write_json, read_json
 from core.runs import load_train_state, open_run
 from core.training import ema_update, fit, make_ema, make_optimizer
 from purify import ProgressiveStudent, UNetDenoiser, load_purifier
-from purify.samplers import ddim_step
+from purify.samplers import ddim_step, sample_ode
 
-from .loop import StudentConfig, peak_memory_mb, student_dir, student_inputs
+from .loop import (
+    StudentBatch,
+    StudentConfig,
+    check_adversarial,
+    classifier_term,
+    k_step_purify,
+    peak_memory_mb,
+    student_dir,
+    student_inputs,
+    with_classifier_term,
+)
 
 
 @dataclass
@@ -40,9 +50,12 @@ def progressive_target(z_t, z_s, ab_t, ab_s):
     return (z_s - ratio * z_t) / (a_s - ratio * a_t)
 
 
-def progressive_loss(student, teacher, x0, t_star: float, student_steps: int, g, x_clean=None, clean_mask=None):
-    """Truncated-SNR weighted MSE between the student's x0 and the closed-form two-teacher-step target."""
-    sched = teacher.schedule
+def progressive_loss(student, teacher, batch: StudentBatch, t_star: float, student_steps: int, g):
+    """Truncated-SNR weighted MSE between the student's x0 and the closed-form two-teacher-step target.
+
+    The student sees z_t of `batch.x`; the teacher's two steps start from z_t of `batch.x_ref` under the same
+    noise (the same point unless adversarial rows take their target from the clean image)."""
+    sched, x0 = teacher.schedule, batch.x
     n = x0.shape[0]
     i = torch.randint(1, student_steps + 1, (n,), generator=g, device=g.device).to(x0.device).double()
     t = t_star * i / student_steps
@@ -50,12 +63,13 @@ def progressive_loss(student, teacher, x0, t_star: float, student_steps: int, g,
     ab_t, ab_mid, ab_next = (sched.alpha_bar(v).float().view(-1, 1, 1, 1) for v in (t, t_mid, t_next))
     eps = torch.randn(x0.shape, generator=g, device=g.device).to(x0)
     z_t = ab_t.sqrt() * x0 + (1 - ab_t).sqrt() * eps
+    z_ref = z_t if batch.x_ref is x0 else ab_t.sqrt() * batch.x_ref + (1 - ab_t).sqrt() * eps
     with torch.no_grad():
-        z_mid = ddim_step(z_t, teacher(z_t, t.float()), ab_t, ab_mid)
+        z_mid = ddim_step(z_ref, teacher(z_ref, t.float()), ab_t, ab_mid)
         z_next = ddim_step(z_mid, teacher(z_mid, t_mid.float()), ab_mid, ab_next)
-        target = progressive_target(z_t, z_next, ab_t, ab_next)
-        if clean_mask is not None:
-            target = torch.where(clean_mask.view(-1, 1, 1, 1), x_clean, target)
+        target = progressive_target(z_ref, z_next, ab_t, ab_next)
+        if batch.clean_target:
+            target = torch.where(batch.adv.view(-1, 1, 1, 1), batch.clean, target)
     x_hat = student(z_t, t.float())
     weight = (ab_t / (1 - ab_t)).clamp(min=1.0).flatten()  # max(SNR, 1)
     per_example = (x_hat.float() - target.float()).square().flatten(1).mean(1)
@@ -86,6 +100,7 @@ def train_progressive(cfg: ProgressiveConfig, teacher_dir: str | Path, out: str 
     if cfg.parameterization not in ("teacher", "v_prediction", "sample", "epsilon"):
         raise InputError(f"parameterization must be teacher, v_prediction, sample or epsilon, got "
                          f"{cfg.parameterization!r}")
+    check_adversarial(cfg.adversarial)
     teacher_p = load_purifier(teacher_dir)
     param = student_parameterization(cfg.parameterization, teacher_p.x0_net.prediction_type)
     t_star = cfg.t_star or teacher_p.t_star
@@ -109,10 +124,16 @@ def train_progressive(cfg: ProgressiveConfig, teacher_dir: str | Path, out: str 
         model, opt = acc.prepare(unet, opt)
         ema.to(acc.device)
         student = UNetDenoiser(model, teacher.schedule, param)
+        # the adaptive attack runs through the unwrapped network (no gradient sync for input gradients)
+        attacked = k_step_purify(UNetDenoiser(acc.unwrap_model(model), teacher.schedule, param), sample_ode,
+                                 teacher.schedule, t_star, k)
+        trained = k_step_purify(student, sample_ode, teacher.schedule, t_star, k)
 
-        def loss_fn(model, x, y, g):
-            x_in, x_clean, mask = student_inputs(x, y, classifier, cfg.adversarial, g)
-            return progressive_loss(student, teacher, x_in, t_star, k, g, x_clean, mask)
+        def loss_fn(model, x, y, g, k=k, attacked=attacked, trained=trained, student=student, teacher=teacher):
+            batch = student_inputs(x, y, classifier, cfg.adversarial, g, attacked)
+            loss, stats = progressive_loss(student, teacher, batch, t_star, k, g)
+            term = classifier_term(classifier, trained, batch, cfg.adversarial, g)
+            return with_classifier_term(loss, stats, term, cfg.adversarial)
 
         def on_step(s):
             ema_update(ema, acc.unwrap_model(model), min(cfg.ema_decay, (1 + s - r * spr) / (10 + s - r * spr)))
@@ -126,7 +147,7 @@ def train_progressive(cfg: ProgressiveConfig, teacher_dir: str | Path, out: str 
             ProgressiveStudent(copy.deepcopy(ema).cpu(), sched_cfg, t_star, k, prediction_type=param,
                                seed=cfg.seed, source={"trained_by": "distill progressive", "teacher": str(teacher_dir),
                                                       "round": r + 1, "teacher_steps": 2 * k, "run": str(out),
-                                                      "adversarial": cfg.adversarial.classifier is not None}
+                                                      "adversarial": cfg.adversarial.describe()}
                                ).save(student_dir(out, k))
         acc.wait_for_everyone()
         ckpt = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +57,11 @@ class TeacherConfig(LoopConfig):
     hflip: bool = False
     checkpoint_every: int = 400
     log_every: int = 50
+    # the curve that matters for purification: every `curve_every` steps (0: off) the EMA teacher purifies
+    # `curve_n` test images (t_star, purify_steps, mode) for the classifier in `curve_classifier`; OUT/curve.jsonl
+    curve_classifier: str | None = None
+    curve_every: int = 0
+    curve_n: int = 256
     # the purifier written to OUT/purifier at the end
     t_star: float = 0.1
     purify_steps: int = 100
@@ -62,6 +69,10 @@ class TeacherConfig(LoopConfig):
 
 
 def validate(cfg: TeacherConfig) -> None:
+    if cfg.curve_every and not cfg.curve_classifier:
+        raise InputError("curve_every needs curve_classifier: the classifier folder the curve purifies for")
+    if cfg.curve_classifier and not Path(cfg.curve_classifier).is_dir():
+        raise FileNotFoundError(f"curve_classifier {cfg.curve_classifier} is not a folder")
     if not 0 < cfg.t_max <= 1:
         raise InputError(f"t_max must be in (0, 1], got {cfg.t_max}")
     if cfg.t_star > cfg.t_max:
@@ -105,6 +116,28 @@ def ddpm_loss(unet, x0, schedule: VPSchedule, k_max: int, prediction_type: str, 
     return F.mse_loss(out.float(), target[prediction_type].float())
 
 
+def purification_curve(cfg: TeacherConfig, out: Path, sched_cfg: dict, device):
+    """A function (ema, step) that appends the EMA teacher's purified clean accuracy to OUT/curve.jsonl."""
+    from core.checkpoint import load_classifier
+    from core.datasets import load_dataset, to_tensors
+    from eval.accuracy import purify_batches
+    from robust_data.squeeze import accuracy
+
+    clf = load_classifier(cfg.curve_classifier, device)
+    x, y = to_tensors(load_dataset(cfg.dataset, "test", root=cfg.data_root, image_size=cfg.image_size)[0],
+                      cfg.curve_n, seed=cfg.seed)
+    bare = accuracy(clf, x, y, device=device)
+
+    def record(ema, step: int) -> None:
+        p = DiffPure(copy.deepcopy(ema), sched_cfg, cfg.t_star, cfg.purify_steps, cfg.mode, seed=cfg.seed)
+        purified, _ = purify_batches(p, x, 256, cfg.seed)
+        with (out / "curve.jsonl").open("a") as f:
+            f.write(json.dumps({"step": step, "purified_accuracy": accuracy(clf, purified, y, device=device),
+                                "clean_accuracy": bare, "examples": len(y)}) + "\n")
+
+    return record
+
+
 def train_teacher(cfg: TeacherConfig, out: str | Path, resume: bool = False) -> Path:
     """Train the score network and write OUT/purifier (a DiffPure teacher); returns that folder."""
     validate(cfg)
@@ -129,8 +162,12 @@ def train_teacher(cfg: TeacherConfig, out: str | Path, resume: bool = False) -> 
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
         return ddpm_loss(model, x, schedule, k_max, cfg.scheduler.prediction_type, g), {}
 
+    curve = purification_curve(cfg, out, sched_cfg, acc.device) if cfg.curve_every and acc.is_main_process else None
+
     def on_step(s):
         ema_update(ema, acc.unwrap_model(model), min(cfg.ema_decay, (1 + s) / (10 + s)))
+        if curve is not None and (s % cfg.curve_every == 0 or s == cfg.train_steps):
+            curve(ema, s)
 
     stats = fit(run, cfg, model, opt, lr_sched, loss_fn, step, cfg.train_steps, on_step,
                 {"unet": acc.unwrap_model(model), "ema": ema}, "teacher")

@@ -12,7 +12,7 @@ from core.io import atomic_write_json, atomic_write_text
 from purify import load_purifier
 from robust_data.squeeze import accuracy
 
-from .accuracy import purify_batches
+from .accuracy import default_device, purify_batches
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -26,21 +26,26 @@ def compare(teacher: str, students: list[str], classifier: str, dataset: str = "
             baseline_steps: tuple[int, ...] = (1, 2, 4)) -> dict:
     """Rows for the teacher (SDE and ODE), each student, and the undistilled baseline (the teacher's own
     UNet in DDIM mode with K steps: what a student must beat), all fed the same noise at t_star."""
-    clf = load_classifier(classifier)
+    device = default_device()
+    clf = load_classifier(classifier, device)
+
+    def load(folder, **overrides):
+        return load_purifier(folder, **overrides).to(device)
+
     x, y = to_tensors(load_dataset(dataset, "test", root=data_root)[0], n)
-    ref_sde, t_sde = purify_batches(load_purifier(teacher), x, batch_size, seed)
-    ref_ode, _ = purify_batches(load_purifier(teacher, mode="ode"), x, batch_size, seed)
-    rows = [{"purifier": "none", "nfe": 0, "accuracy": accuracy(clf, x, y)}]
+    ref_sde, t_sde = purify_batches(load(teacher), x, batch_size, seed)
+    ref_ode, _ = purify_batches(load(teacher, mode="ode"), x, batch_size, seed)
+    rows = [{"purifier": "none", "nfe": 0, "accuracy": accuracy(clf, x, y, device=device)}]
     baselines = {f"teacher DDIM-{k} (undistilled)": k for k in baseline_steps}
     for name in [teacher + " (ode)", teacher, *baselines, *students]:
         if name == teacher:
-            p, out_x, secs = load_purifier(teacher), ref_sde, t_sde
+            p, out_x, secs = load(teacher), ref_sde, t_sde
         else:
-            p = (load_purifier(teacher, mode="ode") if name.endswith(" (ode)") else
-                 load_purifier(teacher, mode="ode", steps=baselines[name]) if name in baselines else load_purifier(name))
+            p = (load(teacher, mode="ode") if name.endswith(" (ode)") else
+                 load(teacher, mode="ode", steps=baselines[name]) if name in baselines else load(name))
             out_x, secs = purify_batches(p, x, batch_size, seed)
         rows.append({"purifier": name, "kind": p.kind, "mode": p.mode, "nfe": p.nfe,
-                     "accuracy": accuracy(clf, out_x, y), "psnr_vs_teacher_sde": psnr(out_x, ref_sde),
+                     "accuracy": accuracy(clf, out_x, y, device=device), "psnr_vs_teacher_sde": psnr(out_x, ref_sde),
                      "psnr_vs_teacher_ode": psnr(out_x, ref_ode), "seconds_per_batch": secs,
                      "speedup_vs_teacher": t_sde / secs})
     result = {"examples": len(y), "batch_size": batch_size, "seed": seed, "rows": rows}

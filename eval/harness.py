@@ -228,6 +228,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks=None, *
                        tolerance=b.tolerance, flags=flags, large=big)
     result.update(threat={"norm": norm, "eps": eps, "large_eps": big},
                   budgets=budgets(names, b, norm, eps, eot, n_classes, stochastic), skipped=skipped, evals=R,
+                  strength={a: {"steps": b.steps.get(a) or ATTACKS[a].steps, "eot": eot, "queries": b.queries}
+                            for a in names}, seed=b.seed,
                   stochastic=stochastic, examples=n, nfe=getattr(purifier, "nfe", 0), chance=1 / n_classes)
     return result
 
@@ -252,6 +254,17 @@ def budgets(attacks, b: Budget, norm: str, eps: float, eot: int, n_classes: int,
                                                b.queries, stochastic)) for a in attacks}
 
 
+def accuracy_stats(m: torch.Tensor) -> dict:
+    """Average and worst-case accuracy of an R x n correctness matrix, each with its standard error over the
+    n examples (of the per-example mean over R, and of survival in all R)."""
+    m = m.bool()
+    per_example, worst = m.float().mean(0), m.all(0).float()
+    n = max(1, per_example.numel() - 1)
+    return {"average": per_example.mean().item(), "worst": worst.mean().item(),
+            "average_se": (per_example.var(unbiased=False) / n).sqrt().item() if per_example.numel() > 1 else 0.0,
+            "worst_se": (worst.var(unbiased=False) / n).sqrt().item() if worst.numel() > 1 else 0.0}
+
+
 def summarize(names, R, jobs, records, y, n, batch_size, stochastic, chance, tolerance, flags, large) -> dict:
     """Aggregate per-example records into the report: averages, worst cases, per-example results, flags."""
     by_key = {j.key: j for j in jobs}
@@ -266,8 +279,7 @@ def summarize(names, R, jobs, records, y, n, batch_size, stochastic, chance, tol
         return torch.tensor([collect(f"{name}/{r}") for r in range(R)], dtype=torch.bool)
 
     def stats(m):
-        return {"average": m.float().mean().item(), "worst": m.all(0).float().mean().item(),
-                "per_eval": m.float().mean(1).tolist()}
+        return {**accuracy_stats(m), "per_eval": m.float().mean(1).tolist()}
 
     def seconds(name: str) -> float:
         keys = [f"{name}/{r}" for r in range(R)]

@@ -54,7 +54,8 @@ def robust_vs_latency(points: list[dict], path: str | Path, chance: float | None
     """Robust accuracy against milliseconds per image: a colour per classifier, a marker per defense, and each
     classifier's Pareto front.
 
-    `points`: dicts with classifier, defense, ms (per image), accuracy (0-1)."""
+    `points`: dicts with classifier, defense, ms (per image), accuracy (0-1) and optionally weaker (attacked more
+    weakly than the others: drawn hollow and left off the front)."""
     from matplotlib.lines import Line2D
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -64,8 +65,10 @@ def robust_vs_latency(points: list[dict], path: str | Path, chance: float | None
     for i, clf in enumerate(classifiers):
         pts = [p for p in points if p["classifier"] == clf]
         for p in pts:
-            ax.scatter(p["ms"], 100 * p["accuracy"], color=f"C{i}", marker=markers.get(p["defense"], "o"), zorder=3)
-        front = pareto_front([(p["ms"], p["accuracy"]) for p in pts])
+            hollow = p.get("weaker", False)  # attacked more weakly than the others: an upper bound
+            ax.scatter(p["ms"], 100 * p["accuracy"], marker=markers.get(p["defense"], "o"), zorder=3,
+                       facecolors="none" if hollow else f"C{i}", edgecolors=f"C{i}")
+        front = pareto_front([(p["ms"], p["accuracy"]) for p in pts if not p.get("weaker", False)])
         ax.step([c for c, _ in front], [100 * a for _, a in front], where="post", color=f"C{i}", lw=1, alpha=0.6)
     if chance:
         ax.axhline(100 * chance, color="grey", ls=":", lw=1)
@@ -74,7 +77,11 @@ def robust_vs_latency(points: list[dict], path: str | Path, chance: float | None
     first = ax.legend(handles=[Line2D([], [], color=f"C{i}", lw=2, label=c) for i, c in enumerate(classifiers)],
                       fontsize=7, title="classifier (line: Pareto front)", title_fontsize=7, loc="upper left")
     ax.add_artist(first)
-    ax.legend(handles=[Line2D([], [], color="k", marker=m, ls="", label=d) for d, m in markers.items()],
+    handles = [Line2D([], [], color="k", marker=m, ls="", label=d) for d, m in markers.items()]
+    if any(p.get("weaker", False) for p in points):
+        handles.append(Line2D([], [], color="k", marker="o", ls="", markerfacecolor="none",
+                              label="hollow: weaker attack"))
+    ax.legend(handles=handles,
               fontsize=7, title="defense", title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -19,6 +19,7 @@ from .attacks import ATTACKS, NORMS, check_attack, preset_eps
 from .budget import Budget, with_changes
 from .defended import Defended
 from .harness import evaluate
+from .matched import pm, shared_examples, weaker
 
 
 @dataclass
@@ -113,12 +114,21 @@ def run_robustness(cfg: EvalConfig, out: str | Path) -> dict:
         if acc.is_main_process:
             atomic_write_json(out / d["label"] / "report.json", r)
             _grid(out / d["label"], x, purifier, b.attacks, b.seed)
-    report = {"dataset": cfg.dataset, "classifier": cfg.classifier, "config": to_dict(cfg), "defenses": results}
+    report = {"dataset": cfg.dataset, "classifier": cfg.classifier, "config": to_dict(cfg), "defenses": results,
+              "matched": matched(results, len(test))}
     if acc.is_main_process:
         atomic_write_json(out / "report.json", report, sort_keys=False)
         atomic_write_text(out / "report.md", render(report))
         _plots(out, results)
     return report
+
+
+def matched(results: dict, total: int) -> dict:
+    """Which defenses were attacked more weakly than the others, and every stochastic defense on the examples
+    they all saw (when some saw fewer)."""
+    shared = shared_examples(results, total)
+    return {"weaker": weaker(results),
+            "shared": None if shared is None else {"examples": shared[0], "rows": shared[1]}}
 
 
 def _grid(folder: Path, x: torch.Tensor, purifier, attacks, seed: int) -> None:
@@ -152,21 +162,36 @@ def _pct(v) -> str:
 def render(report: dict) -> str:
     """The report a person reads: one table over defenses, budgets, flags with their meaning."""
     res = report["defenses"]
+    m = report.get("matched") or {"weaker": {}, "shared": None}
     attacks = list(dict.fromkeys(a for r in res.values() for a in r["attacks"]))
     head = ["defense", "NFE", "R", "n", "clean avg / worst"] + [f"{a} avg / worst" for a in attacks] + ["all attacks"]
     lines = [f"# Robustness on {report['dataset']}", "",
              f"Classifier `{report['classifier']}`. Accuracy in %, average over R evaluations / worst case "
-             "(robust only if the example survives all R). `all attacks`: survives every attack in every "
-             "evaluation.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+             "(robust only if the example survives all R), each ± its standard error over the n examples. "
+             "`all attacks`: survives every attack in every evaluation. A defense marked * was attacked more "
+             "weakly than the others (see below): its numbers are upper bounds, not comparable.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, r in res.items():
-        cells = [label, str(r["nfe"]), str(r["evals"]), str(r["examples"]),
-                 f"{_pct(r['clean']['average'])} / {_pct(r['clean']['worst'])}"]
+        cells = [label + (" *" if label in m["weaker"] else ""), str(r["nfe"]), str(r["evals"]), str(r["examples"]),
+                 _aw(r["clean"])]
         for a in attacks:
             s = r["attacks"].get(a)
-            cells.append(f"{_pct(s['average'])} / {_pct(s['worst'])}" if s else "skipped" if a in r["skipped"]
-                         else "-")
+            cells.append(_aw(s) if s else "skipped" if a in r["skipped"] else "-")
         cells.append(_pct(r["worst_over_attacks"]))
         lines.append("| " + " | ".join(cells) + " |")
+    if m["weaker"]:
+        lines += ["", "\\* attacked more weakly than the others: " +
+                  "; ".join(f"**{k}** ({', '.join(v)})" for k, v in m["weaker"].items()) + "."]
+    if m["shared"]:
+        sh = m["shared"]
+        cols = ["clean"] + [a for a in attacks if any(a in row for row in sh["rows"].values())] + ["all attacks"]
+        lines += ["", f"## Every purified defense on the same {sh['examples']} examples", "",
+                  "The examples the smallest row saw (a subset of every larger row's, same seed): average / worst "
+                  "over R, ± standard error.", "", "| defense | " + " | ".join(cols) + " |",
+                  "|" + "---|" * (len(cols) + 1)]
+        for label, row in sh["rows"].items():
+            lines.append(f"| {label}{' *' if label in m['weaker'] else ''} | " +
+                         " | ".join(_aw(row[c]) if c in row else "-" for c in cols) + " |")
     lines += ["", "## Threat model and budgets", ""]
     for label, r in res.items():
         t = r["threat"]
@@ -188,3 +213,8 @@ def render(report: dict) -> str:
     lines += ["", "Images: `<defense>/grid.png` (clean / adversarial / purified); per-example results: "
               "`<defense>/report.json` (`per_example`) and `<defense>/examples.jsonl`.", ""]
     return "\n".join(lines)
+
+
+def _aw(s: dict) -> str:
+    """'avg ± se / worst ± se' in percent."""
+    return f"{pm(s, 'average')} / {pm(s, 'worst')}"

@@ -15,9 +15,10 @@ TINY = {
     "recover": {"ipc": 2, "iterations": 2, "batch_size": 20},
     "relabel": {"epochs": 2},
     "distilled_train": {"epochs": 2, "width": 8},
-    "harness": {"budget": {"n": 8, "evals": 2, "steps": {"pgd": 1, "pgd-eot": 1, "bpda-eot": 1}, "sweep_n": 8,
+    "harness": {"budget": {"n": 8, "evals": 2, "steps": {"pgd-eot": 1, "bpda-eot": 1}, "sweep_n": 8,
                            "check_n": 8, "batch_size": 8},
-                "teacher": {"n": 8, "steps": {"bpda-eot": 1}}},
+                "teacher": {"n": 4}, "teacher_elsewhere": {"n": 4, "evals": 1, "eot": 1, "attacks": ["bpda-eot"],
+                                                           "steps": {"bpda-eot": 1}}},
     "latency": {"batch_sizes": [1, 4], "warmup": 0, "repeats": 1},
 }
 DEFENSES = ["undefended", "teacher", "progressive-1", "progressive-2", "progressive-4", "consistency-1",
@@ -36,14 +37,24 @@ def test_fast_quickstart_runs_every_stage_and_reuses_them(tmp_path, capsys):
         assert (out / name).is_file(), name
     assert json.loads((out / "report.json").read_text())["rows"] == report["rows"]
 
-    # every classifier behind every defense, with the attacks the budget names
+    # the standard classifier behind every defense, the distilled-data ones behind `elsewhere`; the teacher
+    # faces the students' attacks behind the standard classifier and a marked BPDA bound elsewhere
     rows = {(r["classifier"], r["defense"]): r for r in report["rows"]}
-    assert sorted(rows) == sorted((c, d) for c in ("standard", "sre2l", "guard") for d in DEFENSES)
+    elsewhere = ["undefended", "teacher", "progressive-1", "consistency-1", "consistency-4"]
+    assert sorted(rows) == sorted([("standard", d) for d in DEFENSES] +
+                                  [(c, d) for c in ("sre2l", "guard") for d in elsewhere])
     for (clf, d), r in rows.items():
-        expected = {"undefended": {"pgd"}, "teacher": {"bpda-eot"}}.get(d, {"pgd", "pgd-eot", "bpda-eot"})
+        elsewhere_teacher = d == "teacher" and clf != "standard"
+        expected = {"pgd"} if d == "undefended" else {"bpda-eot"} if elsewhere_teacher else {"pgd-eot", "bpda-eot"}
         assert set(r["attacks"]) == expected, (clf, d)
         assert r["ms_per_image"] > 0 and 0 <= r["all_attacks"] <= r["clean"]["average"]
-        assert r["evals"] == (2 if d not in ("undefended", "teacher") else 1)
+        assert r["evals"] == (1 if d == "undefended" or elsewhere_teacher else 2)
+        assert bool(r["weaker"]) == elsewhere_teacher, (clf, d, r["weaker"])
+    assert rows["standard", "teacher"]["examples"] == 4 and rows["standard", "consistency-1"]["examples"] == 8
+    shared = report["shared"]["standard"]
+    assert shared["examples"] == 4 and set(shared["rows"]) == set(DEFENSES) - {"undefended"}
+    for c in ("sre2l", "guard"):
+        assert "teacher" not in report["pareto"][c]  # a weaker attack never makes the front
     assert {r["nfe"] for (c, d), r in rows.items() if d.endswith("-4")} == {4}
     assert rows["standard", "consistency-1"]["sweep"] and not rows["standard", "progressive-1"]["sweep"]
 
@@ -65,13 +76,15 @@ def test_fast_quickstart_runs_every_stage_and_reuses_them(tmp_path, capsys):
         ecfg = yaml.safe_load((out / "eval" / name / "config.yaml").read_text())
         assert ecfg["classifier"] == str(clf)
         purifiers = [d["purifier"] for d in ecfg["defenses"]]
-        assert purifiers[1] == str(teacher) and purifiers[0] == "none" and len(purifiers) == 8
+        assert purifiers[1] == str(teacher) and purifiers[0] == "none"
+        assert len(purifiers) == (8 if name == "standard" else 5)
     front = report["pareto"]["standard"]
     assert front and set(front) <= set(DEFENSES)
     assert [rows["standard", d]["ms_per_image"] for d in front] == sorted(rows["standard", d]["ms_per_image"]
                                                                          for d in front)  # fastest first
     text = (out / "report.md").read_text()
     assert "| guard | consistency-4 |" in text and "Pareto front" in text
+    assert "| guard | teacher * |" in text and "same 4 examples" in text
 
     # a rerun reuses every stage and every attacked batch
     lines = {p: p.read_text() for p in (out / "eval").rglob("examples.jsonl")}
@@ -150,4 +163,4 @@ def test_quickstart_under_accelerate_launch_with_two_processes(tmp_path):
     subprocess.run(cmd, check=True, timeout=600)
     assert read_json(tmp_path / "q" / "teacher" / "train.json")["processes"] == 2
     report = read_json(tmp_path / "q" / "report.json")
-    assert len(report["rows"]) == 3 * len(DEFENSES)
+    assert len(report["rows"]) == len(DEFENSES) + 2 * 5  # the distilled-data classifiers: `elsewhere` only

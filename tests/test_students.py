@@ -159,7 +159,31 @@ def test_adversarial_distillation_option_runs(teacher_dir, tmp_path):
             f"adversarial.classifier={tmp_path / 'clf' / 'classifier'}", "adversarial.steps=2",
             "adversarial.target=clean")
     s = load_purifier(tmp_path / "adv" / "students" / "steps-1")
-    assert s.source["adversarial"] is True
+    assert s.source["adversarial"]["attack"] == "classifier" and s.source["adversarial"]["target"] == "clean"
+
+
+@pytest.mark.parametrize("method, extra", [("progressive", ["start_steps=2", "steps_per_round=2"]),
+                                           ("consistency", ["train_steps=2", "student_steps=[1, 2]"])])
+def test_adaptive_distillation_with_a_classifier_term_runs_and_says_so(teacher_dir, tmp_path, method, extra):
+    from robust_data.__main__ import main as squeeze
+
+    squeeze(["squeeze", "--out", str(tmp_path / "clf"), "epochs=0.2", "width=8"])
+    distill(method, teacher_dir, tmp_path / "adv", *extra, f"adversarial.classifier={tmp_path / 'clf' / 'classifier'}",
+            "adversarial.attack=adaptive", "adversarial.steps=2", "adversarial.eot=2",
+            "adversarial.target=teacher-clean", "adversarial.classifier_term=kl")
+    s = load_purifier(tmp_path / "adv" / "students" / "steps-1")
+    assert s.source["adversarial"]["attack"] == "adaptive" and s.source["adversarial"]["classifier_term"] == "kl"
+    logged = json.loads((tmp_path / "adv" / "log.jsonl").read_text().splitlines()[-1])
+    assert "clf" in logged and logged["clf"] >= 0
+
+
+@pytest.mark.parametrize("bad, word", [("adversarial.attack=student", "attack"),
+                                       ("adversarial.target=both", "target"),
+                                       ("adversarial.classifier_term=mse", "classifier_term")])
+def test_bad_adversarial_settings_fail_before_training(teacher_dir, tmp_path, bad, word):
+    with pytest.raises(SystemExit, match=word):
+        distill("consistency", teacher_dir, tmp_path / "bad", "train_steps=2", "adversarial.classifier=x", bad)
+    assert not (tmp_path / "bad" / "log.jsonl").exists()
 
 
 @pytest.mark.slow

@@ -131,7 +131,8 @@ def quickstart(out: str | Path = "runs/quickstart", fast: bool = False, cfg: Qui
         print(f"[eval] classifier: {name}")
         where = out / "eval" / name
         same_inputs_or_fail(where, {"classifier": folder, **purifiers})
-        evals[name] = timed(f"eval {name}", lambda: run_robustness(eval_config(cfg, folder, purifiers), where))
+        evals[name] = timed(f"eval {name}", lambda: run_robustness(
+            eval_config(cfg, folder, purifiers, standard=name == "standard"), where))
 
     if not process_state().is_main_process:  # under `accelerate launch`: the main process times and reports
         return {}
