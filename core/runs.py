@@ -212,7 +212,14 @@ def _multi_cpu() -> bool:
 def make_accelerator(mixed_precision: str = "no", grad_accum: int = 1):
     """An Accelerator; under `accelerate launch --multi_gpu` on a machine without CUDA it runs DDP on CPUs (gloo)."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    made = AcceleratorState._shared_state.get("_mixed_precision")
+    if made is not None and made != mixed_precision:
+        # accelerate keeps one state per process and refuses another precision; a process that runs several
+        # stages (the quickstart: an fp32 classifier, then bf16 students) needs each stage's own. The process
+        # group (PartialState) is kept.
+        AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum, cpu=_multi_cpu())
 
 

@@ -1,4 +1,4 @@
-"""python -m eval quickstart [--fast] [--out DIR] [--config FILE] [key=value ...]
+"""python -m eval quickstart [--fast | --smoke] [--out DIR] [--config FILE] [key=value ...]
 python -m eval accuracy --purifier DIR --classifier DIR [--n N]
 python -m eval compare --teacher DIR --student DIR [--student DIR ...] --classifier DIR [--out DIR]
 python -m eval robustness --config configs/digits/eval.yaml --out DIR [key=value ...]
@@ -29,7 +29,9 @@ def main(argv=None):
     sub = p.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quickstart", help="the main job: both tracks, every classifier x purifier, latency, report")
     q.add_argument("--fast", action="store_true", help="tiny budgets (about 3 minutes): a smoke run, not results")
-    q.add_argument("--out", default=None, help="run folder (default runs/quickstart, or runs/quickstart-fast)")
+    q.add_argument("--smoke", action="store_true", help="every stage of --config once at full model size, a few "
+                   "steps and images: checks a (paper-scale) config end to end before a long run; not results")
+    q.add_argument("--out", default=None, help="run folder (default runs/quickstart, or -fast / -smoke)")
     q.add_argument("--config", default=None, help="YAML with any QuickstartConfig keys, over the default budget")
     q.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. teacher.train_steps=1200 harness.n=128")
     a = _test_data_args(sub.add_parser("accuracy", help="clean accuracy bare and through a purifier, and s/batch"), None)
@@ -66,11 +68,12 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     if args.command == "quickstart":
-        out = args.out or ("runs/quickstart-fast" if args.fast else "runs/quickstart")
+        out = args.out or ("runs/quickstart-smoke" if args.smoke else "runs/quickstart-fast" if args.fast
+                           else "runs/quickstart")
         from .quickstart import quickstart, quickstart_config
 
-        cfg = run_or_exit(quickstart_config, args.fast, args.config, args.overrides)
-        run_or_exit(quickstart, out, fast=args.fast, cfg=cfg)
+        cfg = run_or_exit(quickstart_config, args.fast, args.config, args.overrides, smoke=args.smoke)
+        run_or_exit(quickstart, out, fast=args.fast or args.smoke, cfg=cfg)
         print(f"report written to {out}/report.md")
     elif args.command == "accuracy":
         from .accuracy import purified_accuracy

@@ -152,3 +152,12 @@ def test_a_stage_built_from_other_inputs_is_neither_reused_nor_continued(tmp_pat
     (upstream / "model.safetensors").write_bytes(b"weights v2")
     with pytest.raises(FileExistsError, match="a stage made with another teacher"):
         run_stage(tmp_path / "student", cfg, train, "product", inputs={"teacher": upstream})
+
+
+def test_one_process_can_make_accelerators_of_different_precisions():
+    """The quickstart runs an fp32 stage, then a bf16 one, in one process (accelerate keeps a singleton)."""
+    from core.runs import make_accelerator
+
+    assert make_accelerator("no").mixed_precision == "no"
+    assert make_accelerator("bf16").mixed_precision == "bf16"
+    assert make_accelerator("no").mixed_precision == "no"

@@ -1,4 +1,4 @@
-"""The main job's budget: every stage's config, the --fast smoke budget, and the harness run per classifier."""
+"""The main job's budget: every stage's config, the --fast and --smoke budgets, and the harness run per classifier."""
 
 from __future__ import annotations
 
@@ -89,11 +89,34 @@ FAST = {
     "latency": {"repeats": 1},
 }
 
+_ONE_STEP = {a: 1 for a in ("pgd", "pgd-eot", "bpda-eot", "transfer", "cw", "mim", "autoattack", "autoattack-rand")}
+_SMOKE_ATTACK = {"evals": 2, "eot": 1, "steps": _ONE_STEP}
+# --smoke: every stage of a config (a paper-scale one above all) once, with its models at full size, its schedules,
+# checkpointing and mixed-precision settings, but a few steps and images: a config that would die hours into a
+# GPU run dies here in minutes. Its numbers are not results.
+SMOKE = {
+    "classifier": {"epochs": 1e-9, "batch_size": 4, "num_workers": 0},
+    "teacher": {"train_steps": 2, "batch_size": 2, "checkpoint_every": 1, "log_every": 1, "warmup_steps": 1,
+                "num_workers": 0},
+    "progressive": {"steps_per_round": 1, "batch_size": 2, "checkpoint_every": 1, "log_every": 1, "num_workers": 0},
+    "consistency": {"train_steps": 2, "batch_size": 2, "checkpoint_every": 1, "log_every": 1, "num_workers": 0},
+    "recover": {"ipc": 1, "iterations": 2},
+    "relabel": {"epochs": 1},
+    "distilled_train": {"epochs": 1, "online_epochs": 1, "batch_size": 4, "num_workers": 0},
+    "harness": {"budget": {"n": 2, **_SMOKE_ATTACK, "queries": 10, "sweep_n": 2, "check_n": 2, "batch_size": 2},
+                "bare": {"steps": _ONE_STEP}, "teacher": {"n": 2, **_SMOKE_ATTACK},
+                "teacher_elsewhere": {"n": 2, "evals": 1, "eot": 1, "attacks": ["bpda-eot"], "steps": _ONE_STEP}},
+    "latency": {"batch_sizes": [1], "warmup": 0, "repeats": 1},
+}
+
+
 def quickstart_config(fast: bool = False, path: str | Path | None = None, overrides: list[str] | None = None,
-                      changes: dict | None = None) -> QuickstartConfig:
-    """The default (or --fast) budget, then a YAML file, `key=value` overrides and `changes` on top."""
+                      changes: dict | None = None, smoke: bool = False) -> QuickstartConfig:
+    """The default (or --fast) budget, then a YAML file, `key=value` overrides and `changes` on top; `smoke`
+    then shrinks every budget (SMOKE) and keeps everything else."""
     base = replace(QuickstartConfig(), FAST) if fast else QuickstartConfig()
-    return replace(load_config(QuickstartConfig, path, overrides, base=base), changes or {})
+    cfg = replace(load_config(QuickstartConfig, path, overrides, base=base), changes or {})
+    return replace(cfg, SMOKE) if smoke else cfg
 
 def stage_configs(cfg: QuickstartConfig) -> dict:
     """Each training stage's config with the run's dataset and seed filled in."""
