@@ -2,6 +2,7 @@
 
   squeeze   train the squeezed classifier (SRe2L stage 1; objective ce, guard, guard-loss, gradnorm, adversarial)
   recover   synthesize ipc images per class from the squeezed classifier (stage 2)
+  condense  DC: learn ipc images per class by gradient matching (instead of squeeze + recover)
   relabel   FKD soft labels: stored crops and the squeezed classifier's fp16 logits (stage 3)
   train     a classifier from scratch on the distilled images and soft labels (stage 4)
   pipeline  all four, each reused when unchanged and resumed when interrupted
@@ -24,6 +25,7 @@ def main(argv=None):
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in [("squeeze", "train the squeezed classifier (SRe2L stage 1)"),
                         ("recover", "synthesize the distilled images (stage 2)"),
+                        ("condense", "DC: learn the distilled images by gradient matching"),
                         ("relabel", "FKD soft labels for the distilled images (stage 3)"),
                         ("train", "train a classifier on the distilled data (stage 4)"),
                         ("pipeline", "squeeze, recover, relabel and train in one run folder")]:
@@ -40,6 +42,10 @@ def main(argv=None):
         print(f"classifier written to {folder}")
     elif args.command == "recover":
         print(f"distilled data written to {run_or_exit(recover, resolve(RecoverConfig, args), args.out)}")
+    elif args.command == "condense":
+        from .condense import CondenseConfig, condense
+
+        print(f"condensed data written to {run_or_exit(condense, resolve(CondenseConfig, args), args.out)}")
     elif args.command == "relabel":
         print(f"soft labels written to {run_or_exit(relabel, resolve(RelabelConfig, args), args.out)}")
     elif args.command == "train":
@@ -51,7 +57,7 @@ def main(argv=None):
         run_or_exit(run_cost, resolve(SqueezeConfig, args), tuple(args.objectives), args.steps, args.out)
     else:
         r = run_or_exit(pipeline, resolve(PipelineConfig, args), args.out)
-        print(f"classifier trained on {r['objective']} distilled data: {r['classifier']} "
+        print(f"classifier trained on {r.get('method', 'sre2l')} {r['objective']} distilled data: {r['classifier']} "
               f"(test accuracy {r['test_accuracy']:.4f}); summary in {args.out}/pipeline.json")
 
 

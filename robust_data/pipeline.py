@@ -11,6 +11,8 @@ from core.errors import InputError
 from core.io import atomic_write_json, read_json
 from core.runs import run_stage
 
+from .condense import CondenseConfig, condense
+from .condense import check as check_condense
 from .objectives import get_objective
 from .recover import RecoverConfig, recover
 from .relabel import RelabelConfig, relabel
@@ -25,7 +27,10 @@ class PipelineConfig:
     dataset: str = "digits"
     data_root: str | None = None
     squeezed: str | None = None  # a classifier folder to recover from instead of squeezing (stage 1 skipped)
+    # "sre2l": squeeze, recover, relabel, train; "dc": condense (DC, gradient matching), then train on hard labels
+    method: str = "sre2l"
     squeeze: SqueezeConfig = field(default_factory=SqueezeConfig)
+    condense: CondenseConfig = field(default_factory=CondenseConfig)
     recover: RecoverConfig = field(default_factory=RecoverConfig)
     relabel: RelabelConfig = field(default_factory=RelabelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -37,6 +42,10 @@ def stage_configs(cfg: PipelineConfig, out: Path) -> dict:
     clf = cfg.squeezed or str(out / "squeeze" / "classifier")
     distilled = str(out / "recover" / "distilled")
     online = cfg.train.soft_labels == "online"
+    if cfg.method == "dc":
+        distilled = str(out / "condense" / "distilled")
+        return {"condense": replace(cfg.condense, data),
+                "train": replace(cfg.train, {**data, "distilled": distilled, "teacher": "", "soft_labels": "hard"})}
     return {
         "squeeze": replace(cfg.squeeze, data),
         "recover": replace(cfg.recover, {"classifier": clf}),
@@ -49,7 +58,11 @@ def stage_configs(cfg: PipelineConfig, out: Path) -> dict:
 def pipeline(cfg: PipelineConfig, out: str | Path) -> dict:
     """Run (or reuse, or resume) the four stages into OUT/{squeeze,recover,relabel,train}; OUT/pipeline.json."""
     out = Path(out)
+    if cfg.method not in ("sre2l", "dc"):
+        raise InputError(f"method must be sre2l or dc, got {cfg.method!r}")
     stages = stage_configs(cfg, out)
+    if cfg.method == "dc":
+        return _dc_pipeline(cfg, stages, out)
     if stages["recover"].ipc < 1:
         raise InputError(f"recover.ipc must be a positive integer, got {stages['recover'].ipc}")
     get_objective(cfg.squeeze.objective)  # an unknown name fails here, before any stage runs
@@ -79,5 +92,24 @@ def pipeline(cfg: PipelineConfig, out: str | Path) -> dict:
               "squeeze_test_accuracy": classifier_meta(clf).get("test_accuracy"),
               "test_accuracy": read_json(out / "train" / "train.json")["test_accuracy"],
               "config": to_dict(cfg)}
+    atomic_write_json(out / "pipeline.json", result)
+    return result
+
+
+def _dc_pipeline(cfg: PipelineConfig, stages: dict, out: Path) -> dict:
+    """DC: OUT/condense (the synthetic set), then OUT/train (a classifier on it, hard labels)."""
+    check_condense(stages["condense"])
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    print(f"stage 1/2: condense (DC, {stages['condense'].ipc} images per class, objective {cfg.condense.objective})")
+    distilled = run_stage(out / "condense", stages["condense"], lambda c, o, resume: condense(c, o), "distilled",
+                          done="condense.json")
+    print("stage 2/2: train a classifier on the condensed data (hard labels)")
+    student = run_stage(out / "train", stages["train"], train_distilled, "classifier",
+                        inputs={"distilled data": distilled})
+    result = {"method": "dc", "objective": cfg.condense.objective, "ipc": stages["condense"].ipc,
+              "dataset": cfg.dataset, "squeezed_classifier": None, "distilled": str(distilled),
+              "classifier": str(student), "squeeze_test_accuracy": None,
+              "test_accuracy": read_json(out / "train" / "train.json")["test_accuracy"], "config": to_dict(cfg)}
     atomic_write_json(out / "pipeline.json", result)
     return result

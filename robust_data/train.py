@@ -29,7 +29,9 @@ class TrainConfig(LoopConfig):
     """SRe2L's train_FKD defaults: AdamW 1e-3, weight decay 0.01, cosine, T = 20, KL without a T^2 factor."""
 
     distilled: str = ""  # the recover stage's folder
-    soft_labels: str = ""  # the relabel stage's folder, or "online" (the teacher labels the same crops live)
+    # the relabel stage's folder, "online" (the teacher labels the same crops live), or "hard": cross-entropy to
+    # the distilled labels on the same crops (how DC-style condensed data is evaluated)
+    soft_labels: str = ""
     teacher: str = ""  # the squeezed classifier (online soft labels only)
     arch: str = "convnet-bn"
     width: int = 64
@@ -60,8 +62,10 @@ def train_distilled(cfg: TrainConfig, out: str | Path, resume: bool = False) -> 
     if not cfg.distilled:
         raise InputError("train needs distilled: the recover stage's folder")
     images, labels, meta = load_distilled(cfg.distilled)
-    online = cfg.soft_labels == "online"
-    if online:
+    online, hard = cfg.soft_labels == "online", cfg.soft_labels == "hard"
+    if hard:
+        stored, n_sets = None, cfg.online_epochs
+    elif online:
         if not cfg.teacher:
             raise InputError("soft_labels=online needs teacher: the squeezed classifier folder")
         teacher = load_classifier(cfg.teacher).eval().requires_grad_(False)
@@ -101,7 +105,7 @@ def train_distilled(cfg: TrainConfig, out: str | Path, resume: bool = False) -> 
         epoch = micro["i"] * cfg.batch_size * acc.num_processes // len(labels)
         micro["i"] += 1
         e = epoch % n_sets
-        if online:
+        if online or hard:
             if e not in crop_cache:
                 crop_cache.clear()
                 crop_cache[e] = crop_params(len(labels), tuple(images.shape[-2:]), e, cfg.crop_seed,
@@ -110,6 +114,10 @@ def train_distilled(cfg: TrainConfig, out: str | Path, resume: bool = False) -> 
         else:
             params = stored["crops"][e, idx.cpu()]
         x = apply_crops(images[idx], params.to(acc.device))
+        if hard:
+            s = model(x)
+            loss = F.cross_entropy(s, y)
+            return loss, {"ce": loss.detach(), "acc": (s.argmax(1) == y).float().mean()}
         with torch.no_grad():
             t = teacher(x) if online else stored["logits"][e, idx.cpu()].float().to(acc.device)
         s = model(x)
