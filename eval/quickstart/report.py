@@ -148,13 +148,16 @@ def render(r: dict) -> str:
     for clf, sh in r.get("shared", {}).items():
         if not sh:
             continue
-        cols = list(dict.fromkeys(k for row in sh["rows"].values() for k in row))
+        found = list(dict.fromkeys(k for row in sh["rows"].values() for k in row))
+        cols = ["clean"] + [k for k in found if k not in ("clean", "all attacks")] + ["all attacks"]
+        starred = {row["defense"] for row in rows if row["classifier"] == clf and row["weaker"]}
         lines += ["", f"### {clf} classifier: every purified defense on the same {sh['examples']} examples", "",
                   "The teacher's examples (a subset of every student's, same seed), so that the teacher and its "
                   "students face the same attacks on the same images: average / worst over R, ± standard error.", "",
                   "| defense | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
-        lines += [f"| {label} | " + " | ".join(f"{pm(v[c], 'average')} / {pm(v[c], 'worst')}" if c in v else "-"
-                                                for c in cols) + " |" for label, v in sh["rows"].items()]
+        lines += [f"| {label}{' *' if label in starred else ''} | " +
+                  " | ".join(f"{pm(v[c], 'average')} / {pm(v[c], 'worst')}" if c in v else "-" for c in cols) + " |"
+                  for label, v in sh["rows"].items()]
     budgets = {}
     for row in rows:
         budgets.setdefault(_budget_line(row), []).append(f"{row['classifier']}/{row['defense']}")
