@@ -107,12 +107,18 @@ def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None
     return torchvision.datasets.ImageFolder(str(folder), transform=tf), info
 
 
+def sample_indices(total: int, n: int | None = None, seed: int = 0) -> torch.Tensor:
+    """The sorted indices `to_tensors` draws: all of them, or the first n of a seeded permutation (so a smaller
+    draw with the same seed is a subset of a larger one)."""
+    if n is None or n >= total:
+        return torch.arange(total)
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
+
+
 def to_tensors(ds: Dataset, n: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack `n` examples (all when None; a seeded class-mixed subset otherwise) into (x, y) tensors."""
     if isinstance(ds, TensorDataset) and n is None:
         return ds.tensors[0], ds.tensors[1]
-    idx = torch.arange(len(ds))
-    if n is not None and n < len(ds):
-        idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    idx = sample_indices(len(ds), n, seed)
     xs, ys = zip(*(ds[int(i)] for i in idx))
     return torch.stack(xs), torch.as_tensor(ys, dtype=torch.long)

@@ -18,17 +18,7 @@ from purify.samplers import ddim_step, heun_step
 from purify.students import sample_consistency
 
 from .distances import get_distance
-from .loop import (
-    StudentBatch,
-    StudentConfig,
-    check_adversarial,
-    classifier_term,
-    k_step_purify,
-    peak_memory_mb,
-    student_dir,
-    student_inputs,
-    with_classifier_term,
-)
+from .loop import StudentBatch, StudentConfig, check_adversarial, k_step_purify, peak_memory_mb, student_dir, student_loss
 
 SOLVERS = ("ddim", "heun")
 
@@ -112,15 +102,14 @@ def train_consistency(cfg: ConsistencyConfig, teacher_dir: str | Path, out: str 
     attacked_f = ConsistencyDenoiser(UNetDenoiser(acc.unwrap_model(model), teacher.schedule, kind), **scalings)
 
     def loss_fn(model, x, y, g):
-        purify = None
+        attacked = trained = None
         if classifier is not None:  # the adaptive attack and classifier term use a K drawn from student_steps
             k = cfg.student_steps[int(torch.randint(len(cfg.student_steps), (1,), generator=g, device=g.device))]
-            purify = (k_step_purify(attacked_f, sample_consistency, teacher.schedule, t_star, k),
-                      k_step_purify(student_f, sample_consistency, teacher.schedule, t_star, k))
-        batch = student_inputs(x, y, classifier, cfg.adversarial, g, purify and purify[0])
-        loss, stats = consistency_loss(student_f, target_f, teacher, batch, cfg, t_star, distance, g)
-        term = classifier_term(classifier, purify and purify[1], batch, cfg.adversarial, g)
-        return with_classifier_term(loss, stats, term, cfg.adversarial)
+            attacked, trained = (k_step_purify(f, sample_consistency, teacher.schedule, t_star, k)
+                                 for f in (attacked_f, student_f))
+        return student_loss(x, y, g, classifier, cfg.adversarial,
+                            lambda b: consistency_loss(student_f, target_f, teacher, b, cfg, t_star, distance, g),
+                            attacked, trained)
 
     def on_step(s):
         net = acc.unwrap_model(model)

@@ -186,3 +186,12 @@ def with_classifier_term(loss, stats: dict, term, cfg: AdversarialConfig):
     if term is None:
         return loss, stats
     return loss + cfg.classifier_weight * term, {**stats, "clf": term.detach()}
+
+
+def student_loss(x, y, g, classifier, cfg: AdversarialConfig, loss_of, attacked=None, trained=None):
+    """One distillation step's loss on a [0, 1] batch: adversarial rows when configured (crafted through
+    `attacked` for the adaptive attack), the method's `loss_of(StudentBatch) -> (loss, stats)`, then the
+    classifier term on the student's purification `trained` of the adversarial rows."""
+    batch = student_inputs(x, y, classifier, cfg, g, attacked)
+    loss, stats = loss_of(batch)
+    return with_classifier_term(loss, stats, classifier_term(classifier, trained, batch, cfg, g), cfg)

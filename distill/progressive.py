@@ -18,17 +18,7 @@ from core.training import ema_update, fit, make_ema, make_optimizer
 from purify import ProgressiveStudent, UNetDenoiser, load_purifier
 from purify.samplers import ddim_step, sample_ode
 
-from .loop import (
-    StudentBatch,
-    StudentConfig,
-    check_adversarial,
-    classifier_term,
-    k_step_purify,
-    peak_memory_mb,
-    student_dir,
-    student_inputs,
-    with_classifier_term,
-)
+from .loop import StudentBatch, StudentConfig, check_adversarial, k_step_purify, peak_memory_mb, student_dir, student_loss
 
 
 @dataclass
@@ -130,10 +120,8 @@ def train_progressive(cfg: ProgressiveConfig, teacher_dir: str | Path, out: str 
         trained = k_step_purify(student, sample_ode, teacher.schedule, t_star, k)
 
         def loss_fn(model, x, y, g, k=k, attacked=attacked, trained=trained, student=student, teacher=teacher):
-            batch = student_inputs(x, y, classifier, cfg.adversarial, g, attacked)
-            loss, stats = progressive_loss(student, teacher, batch, t_star, k, g)
-            term = classifier_term(classifier, trained, batch, cfg.adversarial, g)
-            return with_classifier_term(loss, stats, term, cfg.adversarial)
+            return student_loss(x, y, g, classifier, cfg.adversarial,
+                                lambda b: progressive_loss(student, teacher, b, t_star, k, g), attacked, trained)
 
         def on_step(s):
             ema_update(ema, acc.unwrap_model(model), min(cfg.ema_decay, (1 + s - r * spr) / (10 + s - r * spr)))

@@ -8,11 +8,10 @@ import torch
 def subset_positions(total: int, small: int, big: int, seed: int) -> list[int]:
     """Where the examples of `to_tensors(ds, small, seed)` sit in the batch of `to_tensors(ds, big, seed)` (the
     smaller draw is the first `small` of the same seeded permutation, so it is a subset)."""
-    perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
-    big_idx = perm[:min(big, total)].sort().values.tolist() if big < total else list(range(total))
-    small_idx = perm[:min(small, total)].sort().values.tolist() if small < total else list(range(total))
-    where = {v: i for i, v in enumerate(big_idx)}
-    return [where[v] for v in small_idx]
+    from core.datasets import sample_indices
+
+    where = {v: i for i, v in enumerate(sample_indices(total, big, seed).tolist())}
+    return [where[v] for v in sample_indices(total, small, seed).tolist()]
 
 
 def weaker(results: dict) -> dict[str, list[str]]:
