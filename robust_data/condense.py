@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from core.config import save_config
 from core.datasets import load_dataset, to_tensors
 from core.errors import InputError
 from core.io import atomic_save_tensors, atomic_write_json, atomic_write_text, load_tensors, read_json
@@ -140,8 +141,6 @@ def _condense(cfg: CondenseConfig, out: Path) -> Path:
     if min(len(r) for r in real) < 1:
         raise InputError(f"{cfg.dataset} has a class without training images")
     out.mkdir(parents=True, exist_ok=True)
-    from core.config import save_config
-
     save_config(cfg, out / "config.yaml")
     g = torch.Generator().manual_seed(cfg.seed)
     labels = torch.arange(info.num_classes).repeat_interleave(cfg.ipc)
