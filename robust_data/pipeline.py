@@ -29,6 +29,8 @@ class PipelineConfig:
     squeezed: str | None = None  # a classifier folder to recover from instead of squeezing (stage 1 skipped)
     # "sre2l": squeeze, recover, relabel, train; "dc": condense (DC, gradient matching), then train on hard labels
     method: str = "sre2l"
+    # set: one seed for a whole run (each stage's seed; relabel's and train's crops from 42 + seed, FKD's 42 at 0)
+    seed: int | None = None
     squeeze: SqueezeConfig = field(default_factory=SqueezeConfig)
     condense: CondenseConfig = field(default_factory=CondenseConfig)
     recover: RecoverConfig = field(default_factory=RecoverConfig)
@@ -39,6 +41,10 @@ class PipelineConfig:
 def stage_configs(cfg: PipelineConfig, out: Path) -> dict:
     """Each stage's config with the dataset and the previous stages' folders filled in."""
     data = {"dataset": cfg.dataset, "data_root": cfg.data_root}
+    seed = {} if cfg.seed is None else {"seed": cfg.seed}
+    crops = {} if cfg.seed is None else {"seed": 42 + cfg.seed}
+    cfg = replace(cfg, {"squeeze": seed, "condense": seed, "recover": seed, "relabel": crops,
+                        "train": {**seed, **({"crop_seed": 42 + cfg.seed} if seed else {})}})
     clf = cfg.squeezed or str(out / "squeeze" / "classifier")
     distilled = str(out / "recover" / "distilled")
     online = cfg.train.soft_labels == "online"

@@ -183,6 +183,21 @@ def test_tiny_pipeline_leaves_a_loadable_classifier_and_reuses_its_stages(tmp_pa
     assert len(re.findall("unchanged: reusing", out)) == 4
 
 
+def test_one_pipeline_seed_reaches_every_stage(tmp_path):
+    from core.config import load_config
+    from robust_data.pipeline import PipelineConfig, stage_configs
+
+    cfg = load_config(PipelineConfig, "configs/cifar10/guard-cpu.yaml", ["seed=3", "recover.seed=7"])
+    s = stage_configs(cfg, tmp_path)
+    assert (s["squeeze"].seed, s["recover"].seed, s["train"].seed) == (3, 3, 3)
+    assert s["relabel"].seed == s["train"].crop_seed == 45  # soft labels and online crops from one draw
+    assert stage_configs(load_config(PipelineConfig, "configs/cifar10/dc-cpu.yaml", ["seed=3"]), tmp_path)[
+        "condense"].seed == 3
+    unseeded = stage_configs(load_config(PipelineConfig, "configs/cifar10/guard-cpu.yaml", ["recover.seed=7"]),
+                             tmp_path)
+    assert (unseeded["recover"].seed, unseeded["relabel"].seed, unseeded["train"].crop_seed) == (7, 42, 42)
+
+
 @pytest.mark.parametrize("path", sorted(str(p) for p in __import__("pathlib").Path("configs").glob("*/guard*.yaml")))
 def test_shipped_pipeline_configs_load(path):
     from core.config import load_config
