@@ -127,7 +127,7 @@ def render(r: dict) -> str:
                if a in present]
     t = r["threat"]
     head = ["classifier", "defense", "NFE", "ms / image", "clean"] + attacks + ["all attacks", "flags"]
-    lines = [f"# Quickstart report ({r['dataset']}{', --fast: a smoke run, not results' if r['fast'] else ''})", "",
+    lines = [f"# Quickstart report ({r['dataset']}{', reduced budget: a smoke run, not results' if r['fast'] else ''})", "",
              f"{t['norm']} epsilon {t['eps']:.4g}. Accuracy in %, average / worst case over R evaluations with fresh "
              "attack and purifier randomness (worst: robust only if the example survives all R); `all attacks`: "
              "survives every attack in every evaluation. ms / image: the defense plus the classifier at batch "
@@ -159,18 +159,19 @@ def render(r: dict) -> str:
                   " | ".join(f"{pm(v[c], 'average')} / {pm(v[c], 'worst')}" if c in v else "-" for c in cols) + " |"
                   for label, v in sh["rows"].items()]
     budgets = {}
+    teacher_nfe = next((row["nfe"] for row in rows if row["defense"] == "teacher"), "DiffPure")
     for row in rows:
         budgets.setdefault(_budget_line(row), []).append(f"{row['classifier']}/{row['defense']}")
-    lines += ["", "Budgets (reduced, to fit the quickstart; `python -m eval robustness --config "
-              "configs/digits/eval.yaml` runs the full ones):", ""]
+    lines += ["", "Budgets (reduced, to fit the quickstart; `python -m eval robustness --config FILE` runs any other, "
+              "e.g. the matched teacher-and-students budget of `configs/digits/inheritance.yaml`):", ""]
     for key, who in budgets.items():
         defenses = sorted({w.split("/", 1)[1] for w in who})
         lines.append(f"- {', '.join(defenses)}: {key}")
     lines += ["", "`pgd` on a purified classifier follows the full gradient of one purification per step; `pgd-eot` "
               "averages it over EOT purifications; `bpda-eot` replaces the purifier's backward pass by the identity. "
-              "Behind the standard classifier the 100-step teacher faces the students' attacks (full gradients through "
-              "every step, checkpointed) on fewer images (a hundred student steps per gradient); behind the "
-              "distilled-data classifiers it gets a BPDA bound only, marked *.", "",
+              f"Behind the standard classifier the {teacher_nfe}-step teacher faces the students' attacks (full "
+              f"gradients through every step, checkpointed) on fewer images ({teacher_nfe} network calls per "
+              "gradient); behind the distilled-data classifiers it gets a BPDA bound only, marked *.", "",
               "## Robustness against latency", "", "![robust accuracy against ms per image](robust_vs_latency.png)", "",
               "The Pareto front, fastest first (no other defense is both faster and more robust, `all attacks`; "
               "rows attacked more weakly, hollow in the plot, are left out):", ""]
