@@ -41,10 +41,10 @@ class PipelineConfig:
 def stage_configs(cfg: PipelineConfig, out: Path) -> dict:
     """Each stage's config with the dataset and the previous stages' folders filled in."""
     data = {"dataset": cfg.dataset, "data_root": cfg.data_root}
-    seed = {} if cfg.seed is None else {"seed": cfg.seed}
-    crops = {} if cfg.seed is None else {"seed": 42 + cfg.seed}
-    cfg = replace(cfg, {"squeeze": seed, "condense": seed, "recover": seed, "relabel": crops,
-                        "train": {**seed, **({"crop_seed": 42 + cfg.seed} if seed else {})}})
+    if cfg.seed is not None:
+        seed, crops = {"seed": cfg.seed}, RelabelConfig.seed + cfg.seed
+        cfg = replace(cfg, {"squeeze": seed, "condense": seed, "recover": seed, "relabel": {"seed": crops},
+                            "train": {**seed, "crop_seed": crops}})
     clf = cfg.squeezed or str(out / "squeeze" / "classifier")
     distilled = str(out / "recover" / "distilled")
     online = cfg.train.soft_labels == "online"

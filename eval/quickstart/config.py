@@ -95,14 +95,12 @@ _SMOKE_ATTACK = {"evals": 2, "eot": 1, "steps": _ONE_STEP}
 # checkpointing and mixed-precision settings, but a few steps and images: a config that would die hours into a
 # GPU run dies here in minutes. Its numbers are not results. One checkpoint per stage: a paper-size UNet's
 # checkpoint (weights, EMA, optimizer) is over half a gigabyte.
+_SMOKE_LOOP = {"batch_size": 2, "checkpoint_every": 1, "keep_checkpoints": 1, "log_every": 1, "num_workers": 0}
 SMOKE = {
     "classifier": {"epochs": 1e-9, "batch_size": 4, "num_workers": 0},
-    "teacher": {"train_steps": 2, "batch_size": 2, "checkpoint_every": 1, "keep_checkpoints": 1, "log_every": 1,
-                "warmup_steps": 1, "num_workers": 0},
-    "progressive": {"steps_per_round": 1, "batch_size": 2, "checkpoint_every": 1, "keep_checkpoints": 1,
-                    "log_every": 1, "num_workers": 0},
-    "consistency": {"train_steps": 2, "batch_size": 2, "checkpoint_every": 1, "keep_checkpoints": 1, "log_every": 1,
-                    "num_workers": 0},
+    "teacher": {**_SMOKE_LOOP, "train_steps": 2, "warmup_steps": 1},
+    "progressive": {**_SMOKE_LOOP, "steps_per_round": 1},
+    "consistency": {**_SMOKE_LOOP, "train_steps": 2},
     "recover": {"ipc": 1, "iterations": 2},
     "relabel": {"epochs": 1},
     "distilled_train": {"epochs": 1, "online_epochs": 1, "batch_size": 4, "num_workers": 0},

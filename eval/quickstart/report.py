@@ -159,7 +159,6 @@ def render(r: dict) -> str:
                   " | ".join(f"{pm(v[c], 'average')} / {pm(v[c], 'worst')}" if c in v else "-" for c in cols) + " |"
                   for label, v in sh["rows"].items()]
     budgets = {}
-    teacher_nfe = next((row["nfe"] for row in rows if row["defense"] == "teacher"), "DiffPure")
     for row in rows:
         budgets.setdefault(_budget_line(row), []).append(f"{row['classifier']}/{row['defense']}")
     lines += ["", "Budgets (reduced, to fit the quickstart; `python -m eval robustness --config FILE` runs any other, "
@@ -167,6 +166,7 @@ def render(r: dict) -> str:
     for key, who in budgets.items():
         defenses = sorted({w.split("/", 1)[1] for w in who})
         lines.append(f"- {', '.join(defenses)}: {key}")
+    teacher_nfe = next((row["nfe"] for row in rows if row["defense"] == "teacher"), "DiffPure")
     lines += ["", "`pgd` on a purified classifier follows the full gradient of one purification per step; `pgd-eot` "
               "averages it over EOT purifications; `bpda-eot` replaces the purifier's backward pass by the identity. "
               f"Behind the standard classifier the {teacher_nfe}-step teacher faces the students' attacks (full "
