@@ -116,6 +116,10 @@ def check(cfg: CondenseConfig) -> None:
     if cfg.init not in ("real", "noise"):
         raise InputError(f"init must be real or noise, got {cfg.init!r}")
     get_objective(cfg.objective)
+    if cfg.objective != "ce" and loops(cfg)[0] == 1:  # DC's ipc-1 loops match on fresh networks only
+        raise InputError(f"objective {cfg.objective} has no effect with outer_loop 1 (DC's loops at ipc "
+                         f"{cfg.ipc}): the matched networks are never trained; set condense.outer_loop above 1 "
+                         "or use objective ce")
 
 
 def condense(cfg: CondenseConfig, out: str | Path) -> Path:

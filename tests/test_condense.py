@@ -34,11 +34,22 @@ def test_siamese_augmentation_shares_one_draw_and_is_differentiable():
     assert syn.grad is not None and syn.grad.abs().sum() > 0
 
 
-def test_tiny_condense_run_leaves_a_loadable_data_folder(tmp_path):
-    folder = condense(CondenseConfig(**TINY, dsa=True, objective="guard"), tmp_path / "dc")
+def test_tiny_condense_run_leaves_a_loadable_data_folder_and_the_objective_shapes_it(tmp_path):
+    loops = dict(outer_loop=2, inner_loop=1)  # the matched network trains once, with the objective, between matches
+    folder = condense(CondenseConfig(**TINY, **loops, dsa=True, objective="guard"), tmp_path / "dc")
     images, labels, meta = load_distilled(folder)
     assert images.shape == (10, 1, 16, 16) and labels.tolist() == list(range(10))
     assert 0 <= images.min() and images.max() <= 1 and meta["method"] == "dc+dsa" and meta["objective"] == "guard"
+    ce, _, _ = load_distilled(condense(CondenseConfig(**TINY, **loops, dsa=True), tmp_path / "ce"))
+    assert not torch.allclose(images, ce, atol=1e-6)  # GUARD-trained networks give other gradients to match
+
+
+def test_an_objective_that_cannot_act_is_refused(tmp_path):
+    from core.errors import InputError
+
+    with pytest.raises(InputError, match="outer_loop 1"):  # ipc 1: DC's loops never train the matched network
+        condense(CondenseConfig(**TINY, objective="gradnorm"), tmp_path / "dc")
+    assert not (tmp_path / "dc").exists()
 
 
 def test_matching_moves_the_images_and_a_killed_run_resumes_to_the_same_ones(tmp_path, monkeypatch):
