@@ -99,6 +99,51 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSON-lines file; a line that does not parse (a torn last line from a kill mid-write) is
+    dropped, so a killed run always resumes."""
+    path, out = Path(path), []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+def tensor_digest(*tensors: torch.Tensor) -> str:
+    """sha256 of tensors' dtypes, shapes and bytes: which examples a record was made on."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def module_digest(module) -> str | None:
+    """sha256 of a model's structure (its repr, which names every layer and a purifier's t_star / steps / mode),
+    every submodule's `config()` where it has one, and every weight and buffer: which model a record was made
+    with. None for no model."""
+    import hashlib
+
+    if module is None:
+        return None
+    h = hashlib.sha256(repr(module).encode())
+    for name, m in module.named_modules():
+        if callable(getattr(m, "config", None)) and not isinstance(getattr(m, "config"), dict):
+            with contextlib.suppress(Exception):
+                cfg = {k: v for k, v in m.config().items() if k != "seed"}
+                h.update(f"{name}:{json.dumps(cfg, sort_keys=True, default=str)}".encode())
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor_digest(t).encode())
+    return h.hexdigest()
+
+
 def fingerprint(folder: str | Path) -> str:
     """sha256 over a folder's weights and metadata (names and bytes): which model a later stage was built from."""
     import hashlib

@@ -37,7 +37,8 @@ class Normalized(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x - self.mean) / self.std)
+        # float64 (torch.from_numpy), float16 or bfloat16 pixels are computed in the network's own dtype
+        return self.net((x.to(self.mean.dtype) - self.mean) / self.std)
 
 
 class ConvNet(nn.Module):

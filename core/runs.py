@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .io import atomic_dir, atomic_save_tensors, atomic_write_json, atomic_write_text, load_tensors, read_json
+from .io import atomic_dir, atomic_save_tensors, atomic_write_json, atomic_write_text, load_tensors, read_json, read_jsonl
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -80,8 +80,8 @@ class JsonlLog:
     def drop_after(self, step: int) -> None:
         """On resume, forget records logged after the checkpoint we went back to."""
         if self.enabled and self.path.is_file():
-            keep = [line for line in self.path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
-            atomic_write_text(self.path, "".join(line + "\n" for line in keep))
+            keep = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]  # a torn last line is dropped
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 def start_run(out: str | Path, resume: bool) -> tuple[Path, Path | None]:

@@ -17,6 +17,7 @@ from core.runs import open_run
 from core.training import LoopConfig, ema_update, fit, make_ema, make_optimizer
 from purify import DiffPure, VPSchedule
 from purify.denoisers import PREDICTION_TYPES
+from purify.schedule import VARIANCE_TYPES
 
 
 @dataclass
@@ -40,6 +41,9 @@ class NoiseScheduleConfig:
     beta_start: float = 0.0001
     beta_end: float = 0.02
     prediction_type: str = "epsilon"
+    # the reverse SDE's step variance: fixed_large (beta, DiffPure's Euler-Maruyama step of the VP-SDE and
+    # google/ddpm-cifar10-32's) or fixed_small (the DDPM posterior's, diffusers' default)
+    variance_type: str = "fixed_large"
 
 
 @dataclass
@@ -78,6 +82,9 @@ def validate(cfg: TeacherConfig) -> None:
     if cfg.t_star > cfg.t_max:
         raise InputError(f"t_star {cfg.t_star} lies above t_max {cfg.t_max}: the teacher would purify "
                          "with a score it was never trained on")
+    if cfg.scheduler.variance_type not in VARIANCE_TYPES:
+        raise InputError(f"scheduler.variance_type must be one of {', '.join(VARIANCE_TYPES)}, "
+                         f"got {cfg.scheduler.variance_type!r}")
     if cfg.scheduler.prediction_type not in PREDICTION_TYPES:
         raise InputError(f"scheduler.prediction_type must be one of {', '.join(PREDICTION_TYPES)}")
     if len(cfg.unet.attention) != len(cfg.unet.block_out_channels):
@@ -102,7 +109,7 @@ def build_unet(u: UNetConfig, channels: int, image_size: int):
 def scheduler_config(s: NoiseScheduleConfig) -> dict:
     return {"num_train_timesteps": s.num_train_timesteps, "beta_schedule": s.beta_schedule,
             "beta_start": s.beta_start, "beta_end": s.beta_end, "prediction_type": s.prediction_type,
-            "clip_sample": False}
+            "variance_type": s.variance_type, "clip_sample": False}
 
 
 def ddpm_loss(unet, x0, schedule: VPSchedule, k_max: int, prediction_type: str, g: torch.Generator):

@@ -217,8 +217,10 @@ class Composed:
 @dataclass
 class Strongest:
     """The AutoAttack family on a stochastic defense: every sub-attack runs on every example (no pre-filter on
-    a noisy pass), and each example keeps the candidate with the highest margin loss averaged over `draws`
-    forward passes, never the clean point because the attack's own draw was not fooled.
+    a noisy pass), and each example keeps the candidate that fools the most of `draws` forward passes (what the
+    report counts is whether a draw is fooled), the mean margin loss breaking ties; never the clean point because
+    the attack's own draw was not fooled. Every candidate is scored on the same draws: the purifier is reseeded
+    with `seed` before each score.
 
     `attacks`: (name, fn(x, y) -> list of candidate batches). Returns (x_adv, source): per example, the name
     of the sub-attack whose candidate was kept."""
@@ -228,10 +230,16 @@ class Strongest:
     norm: str
     eps: float
     draws: int = 1
+    seed: int = 0
 
     @torch.no_grad()
-    def score(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return torch.stack([margin_loss(self.model(x), y) for _ in range(self.draws)]).mean(0)
+    def score(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fraction of the draws fooled, mean margin) per example, on the draws that `seed` fixes."""
+        purifier = getattr(self.model, "purifier", None)
+        if purifier is not None and hasattr(purifier, "manual_seed"):
+            purifier.manual_seed(self.seed)
+        m = torch.stack([margin_loss(self.model(x), y) for _ in range(self.draws)])
+        return (m > 0).float().mean(0), m.mean(0)
 
     def inside(self, cand: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Candidates within the threat model (FAB's boundary points may lie beyond eps)."""
@@ -240,12 +248,16 @@ class Strongest:
         return (dist <= self.eps * (1 + 1e-5)) & (cand.flatten(1).amin(1) >= 0) & (cand.flatten(1).amax(1) <= 1)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
-        best, best_score, source = x.clone(), torch.full((len(x),), -float("inf"), device=x.device), [""] * len(x)
+        best, source = x.clone(), [""] * len(x)
+        best_fooled = torch.full((len(x),), -1.0, device=x.device)
+        best_margin = torch.full((len(x),), -float("inf"), device=x.device)
         for name, run in self.attacks:
             for cand in run(x, y):
-                s = self.score(cand, y)
-                better = (s > best_score) & self.inside(cand, x)
-                best[better], best_score[better] = cand[better].to(best.dtype), s[better]
+                fooled, margin = self.score(cand, y)
+                better = (fooled > best_fooled) | ((fooled == best_fooled) & (margin > best_margin))
+                better &= self.inside(cand, x)
+                best[better] = cand[better].to(best.dtype)
+                best_fooled[better], best_margin[better] = fooled[better], margin[better]
                 for i in better.nonzero().flatten().tolist():
                     source[i] = name
         return best, source
@@ -319,7 +331,8 @@ def build_autoattack(model, ctx: AttackContext):
     if not ctx.stochastic:
         return Composed(model, parts)
     wrap = {"apgd-ce": _apgd_best, "apgd-t": _apgdt_best, "fab-t": _fab_points, "square": _square_best}
-    return Strongest(model, [(name, wrap[name](a)) for name, a in parts], ctx.norm, ctx.eps, draws=ctx.eot)
+    return Strongest(model, [(name, wrap[name](a)) for name, a in parts], ctx.norm, ctx.eps, draws=ctx.eot,
+                     seed=ctx.seed + 2)
 
 
 def build_autoattack_rand(model, ctx: AttackContext):
@@ -328,7 +341,8 @@ def build_autoattack_rand(model, ctx: AttackContext):
                                                 eot_iter=ctx.eot, seed=ctx.seed)) for loss in ("ce", "dlr")]
     if not ctx.stochastic:
         return Composed(model, parts)
-    return Strongest(model, [(name, _apgd_best(a)) for name, a in parts], ctx.norm, ctx.eps, draws=ctx.eot)
+    return Strongest(model, [(name, _apgd_best(a)) for name, a in parts], ctx.norm, ctx.eps, draws=ctx.eot,
+                     seed=ctx.seed + 2)
 
 
 def build_square(model, ctx: AttackContext):
@@ -336,7 +350,7 @@ def build_square(model, ctx: AttackContext):
     attack = _square(model, ctx)
     if not ctx.stochastic:
         return attack
-    return Strongest(model, [("square", _square_best(attack))], ctx.norm, ctx.eps, draws=ctx.eot)
+    return Strongest(model, [("square", _square_best(attack))], ctx.norm, ctx.eps, draws=ctx.eot, seed=ctx.seed + 2)
 
 
 def build_pgd(model, ctx: AttackContext):

@@ -29,12 +29,15 @@ class Budget:
 
 
 BUDGET_KEYS = tuple(f.name for f in fields(Budget))
+_NONE_MEANS_ALL = ("n", "sweep_n", "check_n")  # fields whose None is itself a value: all examples
 
 
 def with_changes(budget: Budget, changes: dict, where: str = "a budget") -> Budget:
-    """`budget` with `changes` (field -> value), validated like a config; an unknown key names the valid ones."""
+    """`budget` with `changes` (field -> value), validated like a config; an unknown key names the valid ones.
+    A value of None means the field's default (the budget's own value), as everywhere in the toolkit."""
     from core.config import from_dict, to_dict
 
+    changes = {k: v for k, v in changes.items() if v is not None or k in _NONE_MEANS_ALL}
     unknown = sorted(set(changes) - set(BUDGET_KEYS))
     if unknown:
         raise InputError(f"unknown key(s) {', '.join(unknown)} in {where}; valid: {', '.join(BUDGET_KEYS)}")

@@ -24,6 +24,9 @@ class Defended(nn.Module):
     def train(self, mode: bool = True) -> "Defended":
         return super().train(False)
 
+    def extra_repr(self) -> str:
+        return f"votes={self.votes}"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.purifier is None:
             return self.classifier(x)

@@ -19,7 +19,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from core.errors import InputError
-from core.io import atomic_save_tensors
+from core.io import atomic_save_tensors, module_digest, read_jsonl, tensor_digest
 from core.runs import make_accelerator, same_or_fail
 
 from .attacks import ATTACKS, AttackContext, build_attack, check_attack, large_eps, preset_eps
@@ -55,15 +55,7 @@ def purifier_of(model: nn.Module):
 
 def _read_records(path: Path | None) -> dict:
     """(key, batch) -> record; a torn last line (killed mid-write) is ignored."""
-    done = {}
-    if path is not None and path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            done[rec["key"], rec["batch"]] = rec
-    return done
+    return {(rec["key"], rec["batch"]): rec for rec in (read_jsonl(path) if path is not None else [])}
 
 
 class _Runner:
@@ -163,6 +155,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks=None, *
     worst case (an example counts as robust only if it survives every evaluation). `out`: a folder for
     per-example records, resumed when present. Any memory layout of `x` or of the model gives the same result."""
     b = with_changes(budget or Budget(), {**({"attacks": list(attacks)} if attacks is not None else {}), **changes})
+    norm = norm or "Linf"
+    grad_checkpoint = "auto" if grad_checkpoint is None else grad_checkpoint
     eps = eps if eps is not None else preset_eps(dataset or "", norm)
     for a in b.attacks:
         check_attack(a, norm)
@@ -171,20 +165,17 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks=None, *
         raise InputError(f"steps given for unknown attack(s) {', '.join(unknown)}; known: {', '.join(ATTACKS)}")
     if "transfer" in b.attacks and transfer_source is None:
         raise InputError("the transfer attack needs transfer_source (the defense to craft the examples on)")
-    if x.dim() != 4 or len(x) != len(y) or len(x) == 0:
-        raise InputError(f"expected a non-empty NCHW batch and as many labels, got {tuple(x.shape)} and "
-                         f"{tuple(y.shape)}")
+    x, y = check_batch(x, y)
     if b.evals < 1:
         raise InputError(f"evals must be at least 1, got {b.evals}")
-    if x.min() < 0 or x.max() > 1:
-        raise InputError(f"images must be in [0, 1], got [{x.min().item():.3g}, {x.max().item():.3g}]")
     acc = accelerator or make_accelerator()
     device = acc.device
     model = model.to(device).eval().requires_grad_(False)
     if transfer_source is not None:
         transfer_source = transfer_source.to(device).eval().requires_grad_(False)
-    # one standard layout: a permuted (HWC-built) or channels-last batch must not reach attacks that .view() it
-    x, y = x.to(device).contiguous(), y.to(device)
+    # one standard layout and the model's dtype: a permuted (HWC-built) or channels-last batch must not reach
+    # attacks that .view() it, and a float64 / float16 batch is attacked in the model's own precision
+    x, y = x.to(device, _dtype_of(model)).contiguous(), y.to(device)
     n = len(y)
     purifier = purifier_of(model)
     stochastic = purifier is not None
@@ -196,9 +187,12 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks=None, *
     jobs, skipped = plan(b, R, stochastic, eps, n)
     out = Path(out) if out is not None else None
     log = out / "examples.jsonl" if out is not None else None
+    # records are keyed on what was measured: the weights of every model involved and the examples themselves
     settings = {"examples": n, "labels": zlib.crc32(y.cpu().numpy().tobytes()), "norm": norm, "eps": eps,
                 "eot": eot, "queries": b.queries, "batch_size": b.batch_size, "seed": b.seed,
-                "jobs": [[j.key, j.eps, j.steps, j.n] for j in jobs]}
+                "jobs": [[j.key, j.eps, j.steps, j.n] for j in jobs],
+                "images": tensor_digest(x, y), "model": module_digest(model),
+                "transfer_source": module_digest(transfer_source) if "transfer" in b.attacks else None}
     if out is not None:
         _check_settings(out / "settings.json", settings, acc)
     samples = out / "samples" if out is not None else None
@@ -232,6 +226,31 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks=None, *
                             for a in names}, seed=b.seed,
                   stochastic=stochastic, examples=n, nfe=getattr(purifier, "nfe", 0), chance=1 / n_classes)
     return result
+
+
+def check_batch(x, y) -> tuple[torch.Tensor, torch.Tensor]:
+    """The examples as the harness takes them, or an InputError naming what is wrong, before any work: a
+    non-empty float NCHW batch in [0, 1] (any float dtype) and as many integer labels."""
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise InputError(f"expected torch tensors of images and labels, got {type(x).__name__} and {type(y).__name__}")
+    if x.dim() != 4 or y.dim() != 1 or len(x) != len(y) or len(x) == 0:
+        raise InputError(f"expected a non-empty NCHW batch and as many labels, got {tuple(x.shape)} and "
+                         f"{tuple(y.shape)}")
+    if not x.is_floating_point():
+        raise InputError(f"images must be float pixels in [0, 1], got dtype {x.dtype} (divide 0..255 images by 255)")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise InputError(f"labels must be integer class indices, got dtype {y.dtype}")
+    if not torch.isfinite(x).all():
+        raise InputError(f"images hold {(~torch.isfinite(x)).sum().item()} NaN or Inf value(s)")
+    if x.min() < 0 or x.max() > 1:
+        raise InputError(f"images must be in [0, 1], got [{x.min().item():.3g}, {x.max().item():.3g}]")
+    return x, y.long()
+
+
+def _dtype_of(model: nn.Module) -> torch.dtype:
+    """The dtype a model computes in: its classifier's first floating parameter (float32 without any)."""
+    body = getattr(model, "classifier", model)
+    return next((p.dtype for p in body.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _check_settings(path: Path, settings: dict, acc) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -10,12 +9,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from core.io import read_jsonl  # noqa: E402
+
 
 def training_curves(logs: dict[str, Path], path: str | Path, key: str = "loss") -> Path:
     """Loss against step for each run's log.jsonl."""
     fig, axes = plt.subplots(1, len(logs), figsize=(4 * len(logs), 3), squeeze=False)
     for ax, (name, log) in zip(axes[0], logs.items()):
-        recs = [json.loads(line) for line in Path(log).read_text().splitlines()] if Path(log).is_file() else []
+        recs = [r for r in read_jsonl(log) if "step" in r and key in r]
         ax.plot([r["step"] for r in recs], [r[key] for r in recs])
         ax.set_title(name, fontsize=9), ax.set_xlabel("step"), ax.set_ylabel(key)
         ax.set_yscale("log")

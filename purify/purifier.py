@@ -88,9 +88,15 @@ class Purifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_images(x, self.channels, self.image_size, who=type(self).__name__)
-        x = x.contiguous().clamp(0, 1)  # a permuted or channels-last batch gives the same result
+        dtype = x.dtype  # float64 / float16 / bfloat16 pixels: computed in the network's dtype, returned in theirs
+        x = x.contiguous().to(self.dtype).clamp(0, 1)  # a permuted or channels-last batch gives the same result
         out = self.purify(x * 2 - 1, self.generator(x.device))
-        return ((out + 1) / 2).clamp(0, 1)
+        return ((out + 1) / 2).clamp(0, 1).to(dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the purifier computes in: its first floating parameter's (float32 without any)."""
+        return next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.float32)
 
     def purify(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """x in [-1, 1] -> purified x in [-1, 1]."""

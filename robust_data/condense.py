@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from core.config import save_config
 from core.datasets import load_dataset, to_tensors
 from core.errors import InputError
-from core.io import atomic_save_tensors, atomic_write_json, atomic_write_text, load_tensors, read_json
+from core.io import atomic_save_tensors, atomic_write_json, atomic_write_text, load_tensors, read_json, read_jsonl
 from core.models import build_classifier, classifier_config_for
 from core.runs import process_state, same_config_or_fail
 
@@ -72,34 +72,55 @@ def match_distance(grads_real, grads_syn) -> torch.Tensor:
     return sum(layer_distance(r, s) for r, s in zip(grads_real, grads_syn))
 
 
-def siamese_params(g: torch.Generator) -> dict:
-    """One draw of DSA's augmentation (color, crop, cutout, flip, scale, rotate), shared by the real and the
-    synthetic batch of a matching step."""
-    u = lambda lo, hi: lo + (hi - lo) * torch.rand((), generator=g).item()  # noqa: E731
-    return {"brightness": u(-0.5, 0.5), "saturation": u(0, 2), "contrast": u(0.5, 1.5),
-            "shift": (u(-0.125, 0.125), u(-0.125, 0.125)), "cutout": (u(0, 1), u(0, 1)), "flip": u(0, 1) < 0.5,
-            "scale": (u(0.8, 1.2), u(0.8, 1.2)), "rotate": u(-15, 15) * math.pi / 180}
+DSA_FAMILIES = ("color", "crop", "cutout", "flip", "scale", "rotate")  # DSA's color_crop_cutout_flip_scale_rotate
 
 
-def siamese_augment(x: torch.Tensor, p: dict) -> torch.Tensor:
-    """Apply one `siamese_params` draw to a batch, differentiably (DSA's strategy
-    color_crop_cutout_flip_scale_rotate with one parameter set for the batch)."""
-    x = x + p["brightness"]
-    mean = x.mean(1, keepdim=True)
-    x = (x - mean) * p["saturation"] + mean
-    mean = x.mean((1, 2, 3), keepdim=True)
-    x = (x - mean) * p["contrast"] + mean
+def dsa_params(n: int, g: torch.Generator, shared: bool) -> dict:
+    """One DSA draw (Zhao & Bilen, ICML 2021, its 'S' mode): one augmentation family chosen at random per call,
+    with per-example parameters; `shared` (the siamese draw of a matching step, DSA's seeded batch mode) gives
+    every example of the batch the first one's. Ranges are DSA's ParamDiffAug defaults."""
+    family = DSA_FAMILIES[int(torch.randint(len(DSA_FAMILIES), (1,), generator=g))]
+    u = lambda lo, hi, *shape: lo + (hi - lo) * torch.rand((1 if shared else n, *shape), generator=g)  # noqa: E731
+    p = {"color": lambda: {"brightness": u(-0.5, 0.5), "saturation": u(0, 2), "contrast": u(0.5, 1.5)},
+         "crop": lambda: {"shift": u(-0.125, 0.125, 2)},
+         "cutout": lambda: {"cutout": u(0, 1, 2)},
+         "flip": lambda: {"flip": u(0, 1) < 0.5},
+         "scale": lambda: {"scale": u(1 / 1.2, 1.2, 2)},
+         "rotate": lambda: {"rotate": u(-15, 15) * math.pi / 180}}[family]()
+    return {"family": family, **p}
+
+
+def dsa_augment(x: torch.Tensor, p: dict) -> torch.Tensor:
+    """Apply one `dsa_params` draw to a batch (normalised pixels), differentiably in x; a shared draw (one row)
+    applies to a batch of any size."""
     n, _, h, w = x.shape
-    cos, sin = math.cos(p["rotate"]), math.sin(p["rotate"])
-    theta = torch.tensor([[p["scale"][0] * cos, -sin, 2 * p["shift"][0]],
-                          [sin, p["scale"][1] * cos, 2 * p["shift"][1]]], dtype=x.dtype, device=x.device)
-    grid = F.affine_grid(theta.expand(n, 2, 3), list(x.shape), align_corners=True)
-    x = F.grid_sample(x, grid, align_corners=True)
-    cy, cx, ch, cw = int(p["cutout"][0] * h), int(p["cutout"][1] * w), h // 4, w // 4
-    mask = torch.ones(h, w, dtype=x.dtype, device=x.device)
-    mask[max(0, cy - ch):cy + ch, max(0, cx - cw):cx + cw] = 0
-    x = x * mask
-    return x.flip(-1) if p["flip"] else x
+    f = p["family"]
+    p = {k: v if k == "family" else v.expand(n, *v.shape[1:]) for k, v in p.items()}
+    col = lambda v: v.to(x).view(n, 1, 1, 1)  # noqa: E731
+    if f == "color":
+        x = x + col(p["brightness"])
+        mean = x.mean(1, keepdim=True)
+        x = (x - mean) * col(p["saturation"]) + mean
+        mean = x.mean((1, 2, 3), keepdim=True)
+        return (x - mean) * col(p["contrast"]) + mean
+    if f == "flip":
+        return torch.where(col(p["flip"]).bool(), x.flip(-1), x)
+    if f == "cutout":
+        ys, xs = torch.arange(h, device=x.device).view(1, h, 1), torch.arange(w, device=x.device).view(1, 1, w)
+        cy, cx = (p["cutout"][:, 0] * h).long().view(n, 1, 1), (p["cutout"][:, 1] * w).long().view(n, 1, 1)
+        hole = ((ys - cy).abs() < (h + 1) // 4) & ((xs - cx).abs() < (w + 1) // 4)
+        return x * (~hole).to(x).unsqueeze(1)
+    theta = torch.zeros(n, 2, 3)
+    if f == "crop":
+        theta[:, 0, 0] = theta[:, 1, 1] = 1
+        theta[:, :, 2] = 2 * p["shift"]
+    elif f == "scale":
+        theta[:, 0, 0], theta[:, 1, 1] = p["scale"][:, 0], p["scale"][:, 1]
+    else:
+        a = p["rotate"].view(n)
+        theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = a.cos(), -a.sin(), a.sin(), a.cos()
+    grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=True)
+    return F.grid_sample(x, grid, align_corners=True)
 
 
 def loops(cfg: CondenseConfig) -> tuple[int, int]:
@@ -163,9 +184,8 @@ def _condense(cfg: CondenseConfig, out: Path) -> Path:
         opt_img.state[syn] = {"momentum_buffer": saved["momentum"].to(device)}
         start = read_json(out / "state.json")["iteration"]
         if (out / "log.jsonl").is_file():  # records past the checkpoint are redone
-            kept = [line for line in (out / "log.jsonl").read_text().splitlines()
-                    if json.loads(line)["iteration"] <= start]
-            atomic_write_text(out / "log.jsonl", "".join(line + "\n" for line in kept))
+            kept = [r for r in read_jsonl(out / "log.jsonl") if r.get("iteration", 0) <= start]  # torn line dropped
+            atomic_write_text(out / "log.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
     outer, inner = loops(cfg)
     objective = get_objective(cfg.objective, cfg)
     log = out / "log.jsonl"
@@ -182,9 +202,9 @@ def _condense(cfg: CondenseConfig, out: Path) -> Path:
             for c, r in enumerate(real):
                 xr = r[torch.randperm(len(r), generator=ig)[:cfg.batch_real].to(device)]
                 xs = syn[c * cfg.ipc:(c + 1) * cfg.ipc]
-                if cfg.dsa:
-                    p = siamese_params(ig)
-                    xr, xs = siamese_augment(xr, p), siamese_augment(xs, p)
+                if cfg.dsa:  # one siamese draw for the real and the synthetic batch
+                    p = dsa_params(1, ig, shared=True)
+                    xr, xs = dsa_augment(xr, p), dsa_augment(xs, p)
                 y = torch.full((len(xr),), c, device=device)
                 g_real = [v.detach() for v in torch.autograd.grad(F.cross_entropy(net(xr), y), params)]
                 g_syn = torch.autograd.grad(F.cross_entropy(net(xs), y[:len(xs)]), params, create_graph=True)
@@ -195,8 +215,8 @@ def _condense(cfg: CondenseConfig, out: Path) -> Path:
             total += loss.item()
             if ol == outer - 1:
                 break
-            pixels = (syn.detach() * std + mean).clamp(0, 1)  # the objectives take [0, 1] pixels
-            _train_net(model, opt_net, objective, pixels, labels.to(device), inner, cfg.batch_train, ig)
+            _train_net(model, opt_net, objective, syn.detach(), labels.to(device), inner, cfg.batch_train, ig,
+                       (mean, std), cfg.dsa)
         with log.open("a") as f:
             f.write(f'{{"iteration": {it + 1}, "match": {total / (outer * info.num_classes):.6f}}}\n')
         if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
@@ -225,14 +245,20 @@ def _freeze_batchnorm(net: nn.Module, real: list[torch.Tensor], g: torch.Generat
         m.eval()
 
 
-def _train_net(model, opt, objective, x, y, epochs: int, batch: int, g: torch.Generator) -> None:
-    """`epochs` passes of the objective over the synthetic set (DC's inner loop)."""
+def _train_net(model, opt, objective, syn, y, epochs: int, batch: int, g: torch.Generator, norm, dsa: bool) -> None:
+    """`epochs` passes of the objective over the synthetic set (DC's inner loop), with DSA's per-example
+    augmentation when `dsa` (as DSA trains its inner networks). `syn` is in normalised pixels; the objectives
+    take [0, 1] pixels, clamped there (see docs/methods.md: the objectives' threat model is the [0, 1] cube)."""
+    mean, std = norm
     model.train()
     for _ in range(epochs):
         order = torch.randperm(len(y), generator=g).to(y.device)
         for i in range(0, len(y), batch):
             idx = order[i:i + batch]
-            loss, _ = objective(model, x[idx], y[idx])
+            xb = syn[idx]
+            if dsa:
+                xb = dsa_augment(xb, dsa_params(len(idx), g, shared=False))
+            loss, _ = objective(model, (xb * std + mean).clamp(0, 1), y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -5,6 +5,7 @@ cross-entropy on the squeezed model plus `r_bn` times BatchNorm statistics match
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,10 +119,37 @@ def augment_batch(x: torch.Tensor, cfg: RecoverConfig, it: int, g: torch.Generat
     return x
 
 
-def targets(num_classes: int, ipc: int, rank: int = 0, world: int = 1) -> list[tuple[int, int]]:
-    """(class, index) pairs of this process's classes, ipc-major as in SRe2L's loop."""
-    classes = list(range(num_classes))[rank::world]
-    return [(c, k) for k in range(ipc) for c in classes]
+def targets(num_classes: int, ipc: int) -> list[tuple[int, int]]:
+    """Every (class, index) pair, ipc-major as in SRe2L's loop."""
+    return [(c, k) for k in range(ipc) for c in range(num_classes)]
+
+
+def chunk_plan(num_classes: int, ipc: int, batch_size: int) -> list[list[tuple[int, int]]]:
+    """The optimisation batches, fixed by (classes, ipc, batch_size) alone. A batch's images share the BatchNorm
+    statistics each step matches, so batches are cut before they are dealt to processes (round robin): the
+    distilled set does not depend on how many processes made it, or on a resume with another number of them."""
+    pairs = targets(num_classes, ipc)
+    return [pairs[i:i + batch_size] for i in range(0, len(pairs), batch_size)]
+
+
+def chunk_file(folder: Path, chunk: list[tuple[int, int]]) -> Path:
+    """A batch's file, named by its content: its first pair, its length and a digest of all its pairs."""
+    digest = zlib.crc32(",".join(f"{c}:{k}" for c, k in chunk).encode())
+    return folder / f"c{chunk[0][0]:04d}-k{chunk[0][1]:04d}-n{len(chunk)}-{digest:08x}.safetensors"
+
+
+def _holds(path: Path, chunk: list[tuple[int, int]]) -> bool:
+    """Whether a batch file exists and holds exactly this batch's (class, index) pairs (a torn or foreign file
+    is redone)."""
+    if not path.is_file():
+        return False
+    try:
+        t = load_tensors(path)
+    except Exception:  # a file that does not parse is redone
+        return False
+    return (t.get("labels") is not None and t.get("index") is not None
+            and list(zip(t["labels"].tolist(), t["index"].tolist())) == chunk
+            and len(t.get("images", ())) == len(chunk))
 
 
 def synthesize(net: nn.Module, mean: torch.Tensor, std: torch.Tensor, pairs: list[tuple[int, int]],
@@ -152,8 +180,9 @@ def synthesize(net: nn.Module, mean: torch.Tensor, std: torch.Tensor, pairs: lis
 
 
 def recover(cfg: RecoverConfig, out: str | Path) -> Path:
-    """Synthesize cfg.ipc images per class; classes shard across accelerate processes; finished batches
-    are kept in OUT/batches and skipped when the command is rerun. Writes OUT/distilled (see distilled.py)."""
+    """Synthesize cfg.ipc images per class; the batches of `chunk_plan` are dealt to accelerate processes;
+    finished batches are kept in OUT/batches (named by content) and skipped when the command is rerun, on any
+    number of processes. Writes OUT/distilled (see distilled.py)."""
     if cfg.ipc < 1 or int(cfg.ipc) != cfg.ipc:
         raise InputError(f"ipc must be a positive integer, got {cfg.ipc}")
     if cfg.iterations < 1 or cfg.batch_size < 1:
@@ -171,11 +200,11 @@ def recover(cfg: RecoverConfig, out: str | Path) -> Path:
     net = net.to(acc.device).eval().requires_grad_(False)
     mean, std = model.mean.to(acc.device), model.std.to(acc.device)
     shape = (meta["in_channels"], meta["image_size"], meta["image_size"])
-    pairs = targets(meta["num_classes"], cfg.ipc, acc.process_index, acc.num_processes)
-    chunks = [pairs[i:i + cfg.batch_size] for i in range(0, len(pairs), cfg.batch_size)]
-    for chunk in tqdm(chunks, desc="recover", disable=not acc.is_main_process):
-        name = out / "batches" / f"c{chunk[0][0]:04d}-k{chunk[0][1]:04d}-n{len(chunk)}.safetensors"
-        if name.is_file():
+    plan = chunk_plan(meta["num_classes"], cfg.ipc, cfg.batch_size)
+    batches = out / "batches"
+    for chunk in tqdm(plan[acc.process_index::acc.num_processes], desc="recover", disable=not acc.is_main_process):
+        name = chunk_file(batches, chunk)
+        if _holds(name, chunk):
             continue
         images = synthesize(net, mean, std, chunk, cfg, shape, acc.device)
         atomic_save_tensors({"images": images.cpu().contiguous(), "labels": torch.tensor([c for c, _ in chunk]),
@@ -183,14 +212,21 @@ def recover(cfg: RecoverConfig, out: str | Path) -> Path:
     acc.wait_for_everyone()
     folder = out / "distilled"
     if acc.is_main_process:
-        parts = [load_tensors(f) for f in sorted((out / "batches").glob("*.safetensors"))]
+        missing = [chunk_file(batches, c).name for c in plan if not _holds(chunk_file(batches, c), c)]
+        if missing:
+            raise RuntimeError(f"recover: {len(missing)} of {len(plan)} batches are missing from {batches} "
+                               f"({', '.join(missing[:3])}...); rerun the command to make them")
+        parts = [load_tensors(chunk_file(batches, c)) for c in plan]  # only this plan's files, never a stray one
         images = torch.cat([p["images"] for p in parts])
         labels, index = torch.cat([p["labels"] for p in parts]), torch.cat([p["index"] for p in parts])
+        seen = sorted(zip(labels.tolist(), index.tolist()))
+        if seen != sorted(targets(meta["num_classes"], cfg.ipc)):  # every (class, index) exactly once
+            raise RuntimeError(f"recover: the batches in {batches} do not hold every (class, index) exactly once")
         order = torch.argsort(labels * cfg.ipc + index)
         save_distilled(folder, images[order], labels[order], {
             "ipc": cfg.ipc, "num_classes": meta["num_classes"], "squeezed_classifier": cfg.classifier,
             "method": "sre2l-recover" + ("+cda" if cfg.cda else ""), "iterations": cfg.iterations,
-            "r_bn": cfg.r_bn, "processes": acc.num_processes})
+            "r_bn": cfg.r_bn})
         atomic_write_json(out / "recover.json", {"images": len(labels), "ipc": cfg.ipc})
     acc.wait_for_everyone()
     return folder

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from robust_data.condense import CondenseConfig, condense, layer_distance, match_distance, siamese_augment, siamese_params
+from robust_data.condense import DSA_FAMILIES, CondenseConfig, condense, dsa_augment, dsa_params, layer_distance, match_distance
 from robust_data.distilled import load_distilled
 
 TINY = dict(dataset="digits", ipc=1, iterations=2, width=8, depth=2, batch_real=8, batch_train=8)
@@ -25,13 +25,24 @@ def test_layer_distance_is_the_sum_over_output_units_of_one_minus_cosine():
     assert match_distance([w], [-w]).item() == pytest.approx(8, abs=1e-4)  # opposite: 2 per output unit
 
 
-def test_siamese_augmentation_shares_one_draw_and_is_differentiable():
-    p = siamese_params(torch.Generator().manual_seed(1))
+def test_dsa_draws_one_family_per_call_shared_across_the_siamese_pair_and_per_example_in_training():
+    g = torch.Generator().manual_seed(1)
+    draws = [dsa_params(6, g, shared=False) for _ in range(200)]
+    assert {p["family"] for p in draws} == set(DSA_FAMILIES)  # DSA's 'S' mode: one family chosen per call
+    assert all(len([k for k in p if k != "family"]) == (3 if p["family"] == "color" else 1) for p in draws)
+    scale = next(p for p in draws if p["family"] == "scale")["scale"]
+    assert scale.shape == (6, 2) and scale.std(0).min() > 0  # per-example parameters in the inner loop
+    assert 1 / 1.2 <= scale.min() and scale.max() <= 1.2  # DSA's ratio_scale range
+    p = dsa_params(1, g, shared=True)
     real, syn = torch.rand(5, 3, 16, 16), torch.rand(2, 3, 16, 16, requires_grad=True)
-    both = siamese_augment(torch.cat([real, syn]), p)
-    assert torch.allclose(both[5:], siamese_augment(syn, p), atol=1e-6)  # the same transform on either batch
-    siamese_augment(syn, p).sum().backward()
-    assert syn.grad is not None and syn.grad.abs().sum() > 0
+    both = dsa_augment(torch.cat([real, syn]), p)
+    assert torch.allclose(both[5:], dsa_augment(syn, p), atol=1e-6)  # the same transform on either batch
+    assert torch.allclose(both[:2], dsa_augment(real[:2], p), atol=1e-6)
+    for family in DSA_FAMILIES:  # every family is differentiable in the images
+        q = next(q for q in draws if q["family"] == family)
+        syn.grad = None
+        dsa_augment(syn.repeat(3, 1, 1, 1), q).sum().backward()
+        assert syn.grad is not None and syn.grad.abs().sum() > 0, family
 
 
 def test_tiny_condense_run_leaves_a_loadable_data_folder_and_the_objective_shapes_it(tmp_path):
