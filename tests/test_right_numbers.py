@@ -311,20 +311,29 @@ def test_shipped_teachers_step_on_whole_ddpm_timesteps():
             assert abs(per_step - round(per_step)) < 1e-9, (path, per_step)
 
 
-def test_progressive_round_one_starts_at_its_teacher():
-    from distill.progressive import student_parameterization
-    from purify import UNetDenoiser, VPSchedule, ddim_step
+def test_progressive_round_one_starts_at_its_teacher(tmp_path):
+    """The round-1 student that progressive distillation builds (run with a zero learning rate, so it keeps its
+    initial weights) predicts exactly what the teacher folder predicts; a student read another way does not."""
+    from distill.__main__ import main
+    from purify import load_purifier
 
-    unet, sched = tiny_unet(), VPSchedule.from_scheduler_config(scheduler_config())
-    teacher = UNetDenoiser(unet, sched, "epsilon")
-    param = student_parameterization("teacher", "epsilon")
-    student = UNetDenoiser(unet, sched, param)
-    z, t = torch.randn(2, 1, 8, 8), torch.full((2,), 0.1)
-    ab_t, ab_s = sched.alpha_bar(torch.tensor(0.1)), sched.alpha_bar(torch.tensor(0.05))
-    with torch.no_grad():
-        assert torch.equal(ddim_step(z, student(z, t), ab_t, ab_s), ddim_step(z, teacher(z, t), ab_t, ab_s))
+    from .test_commands import TINY_UNET
+
+    main(["teacher", "--out", str(tmp_path / "t"), *TINY_UNET, "train_steps=3", "lr=0.01"])
+    teacher = load_purifier(tmp_path / "t" / "purifier")
+    z, t = torch.randn(2, 1, 16, 16), torch.full((2,), 0.1)
+    outs = {}
+    for param in ("teacher", "v_prediction"):
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
-            other = student_parameterization("v_prediction", "epsilon")
-        assert other == "v_prediction" and "starts away from its teacher" in str(w[0].message)
-        assert not torch.allclose(UNetDenoiser(unet, sched, other)(z, t), teacher(z, t))
+            main(["progressive", "--config", "configs/digits/progressive.yaml", "--teacher", str(tmp_path / "t" / "purifier"),
+                  "--out", str(tmp_path / param), "batch_size=4", "start_steps=2", "steps_per_round=1", "lr=0",
+                  "weight_decay=0", f"parameterization={param}"])
+        student = load_purifier(tmp_path / param / "students" / "steps-1")
+        with torch.no_grad():
+            outs[param] = student.x0_net(z, t)
+        assert ("starts away from its teacher" in " ".join(str(m.message) for m in w)) == (param != "teacher")
+    with torch.no_grad():
+        ref = teacher.x0_net(z, t)
+    assert torch.allclose(outs["teacher"], ref, atol=1e-5)
+    assert not torch.allclose(outs["v_prediction"], ref, atol=1e-3)

@@ -151,30 +151,58 @@ def test_killed_progressive_run_resumes_across_a_round(teacher_dir, tmp_path, mo
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
-def test_adversarial_distillation_option_runs(teacher_dir, tmp_path):
+def _spy_batches(monkeypatch):
+    """Record every StudentBatch the consistency loss receives."""
+    import distill.consistency as dc
+
+    seen, real = [], dc.consistency_loss
+    monkeypatch.setattr(dc, "consistency_loss", lambda *a, **k: (seen.append(a[3]), real(*a, **k))[1])
+    return seen
+
+
+def _assert_adversarial_rows(batches, fraction, eps):
+    """Every batch's first `fraction` rows are perturbed within eps of the clean image; the rest are clean."""
+    assert batches
+    for b in batches:
+        n = int(round(fraction * len(b.x)))
+        assert b.adv is not None and b.adv.tolist() == [True] * n + [False] * (len(b.x) - n)
+        delta = (b.x - b.clean).flatten(1).abs().amax(1) / 2  # [-1, 1] units back to [0, 1] pixels
+        assert (delta[:n] > 0).all() and (delta[:n] <= eps + 1e-5).all() and (delta[n:] == 0).all()
+
+
+def test_adversarial_distillation_trains_on_adversarial_rows(teacher_dir, tmp_path, monkeypatch):
     from robust_data.__main__ import main as squeeze
 
     squeeze(["squeeze", "--out", str(tmp_path / "clf"), "epochs=0.2", "width=8"])
+    seen = _spy_batches(monkeypatch)
     distill("consistency", teacher_dir, tmp_path / "adv", "train_steps=2", "student_steps=[1]",
             f"adversarial.classifier={tmp_path / 'clf' / 'classifier'}", "adversarial.steps=2",
-            "adversarial.target=clean")
+            "adversarial.target=clean", "adversarial.eps=0.1")
+    _assert_adversarial_rows(seen, 0.5, 0.1)
+    assert all(b.clean_target for b in seen)  # target "clean": the adversarial rows are pulled to the clean image
     s = load_purifier(tmp_path / "adv" / "students" / "steps-1")
     assert s.source["adversarial"]["attack"] == "classifier" and s.source["adversarial"]["target"] == "clean"
 
 
 @pytest.mark.parametrize("method, extra", [("progressive", ["start_steps=2", "steps_per_round=2"]),
                                            ("consistency", ["train_steps=2", "student_steps=[1, 2]"])])
-def test_adaptive_distillation_with_a_classifier_term_runs_and_says_so(teacher_dir, tmp_path, method, extra):
+def test_adaptive_distillation_with_a_classifier_term_runs_and_says_so(teacher_dir, tmp_path, method, extra,
+                                                                     monkeypatch):
     from robust_data.__main__ import main as squeeze
 
     squeeze(["squeeze", "--out", str(tmp_path / "clf"), "epochs=0.2", "width=8"])
+    seen = _spy_batches(monkeypatch) if method == "consistency" else None
     distill(method, teacher_dir, tmp_path / "adv", *extra, f"adversarial.classifier={tmp_path / 'clf' / 'classifier'}",
             "adversarial.attack=adaptive", "adversarial.steps=2", "adversarial.eot=2",
             "adversarial.target=teacher-clean", "adversarial.classifier_term=kl")
     s = load_purifier(tmp_path / "adv" / "students" / "steps-1")
     assert s.source["adversarial"]["attack"] == "adaptive" and s.source["adversarial"]["classifier_term"] == "kl"
     logged = json.loads((tmp_path / "adv" / "log.jsonl").read_text().splitlines()[-1])
-    assert "clf" in logged and logged["clf"] >= 0
+    # the KL between the classifier on the purified adversarial rows and on the clean ones: zero only if the
+    # adversarial rows were never used (or were the clean images)
+    assert "clf" in logged and logged["clf"] > 1e-6
+    if seen is not None:
+        _assert_adversarial_rows(seen, 0.5, 0.1)  # the adaptive attack's rows reach the loss
 
 
 @pytest.mark.parametrize("bad, word", [("adversarial.attack=student", "attack"),
@@ -234,3 +262,21 @@ def test_defended_vote_averages_probabilities():
     voted = Defended(Flip(), clf, votes=2)(x).exp()
     expected = (clf(x).softmax(1) + clf(1 - x).softmax(1)) / 2
     assert torch.allclose(voted, expected, atol=1e-6)
+
+
+def test_consistency_target_network_is_the_ema_of_the_student_at_target_ema(teacher_dir, tmp_path):
+    """theta^- <- mu theta^- + (1 - mu) theta after every step, from the teacher's weights (Song et al., 2023):
+    recomputed from the checkpoints of steps 1 and 2; the student itself or the evaluation EMA would fail it."""
+    distill("consistency", teacher_dir, tmp_path / "cd", "train_steps=2", "student_steps=[1]", "checkpoint_every=1",
+            "target_ema=0.9", "lr=0.01")
+    ck = {s: tmp_path / "cd" / "checkpoints" / f"step-{s:08d}" for s in (1, 2)}
+    w = {(s, m): load_tensors(ck[s] / f"{m}.safetensors") for s in (1, 2) for m in ("student", "target", "ema")}
+    unet = load_purifier(teacher_dir).unet
+    teacher, params = unet.state_dict(), dict(unet.named_parameters())
+    for k in params:
+        assert torch.allclose(w[1, "target"][k], 0.9 * teacher[k] + 0.1 * w[1, "student"][k], atol=1e-6), k
+        assert torch.allclose(w[2, "target"][k], 0.9 * w[1, "target"][k] + 0.1 * w[2, "student"][k], atol=1e-6), k
+    moved = [k for k in params if not torch.allclose(w[2, "student"][k], teacher[k])]
+    assert moved  # the student trained, so the student, the target and the evaluation EMA all differ
+    assert any(not torch.allclose(w[2, "target"][k], w[2, "student"][k], atol=1e-6) for k in moved)
+    assert any(not torch.allclose(w[2, "target"][k], w[2, "ema"][k], atol=1e-6) for k in moved)
