@@ -226,7 +226,7 @@ def recover(cfg: RecoverConfig, out: str | Path) -> Path:
         save_distilled(folder, images[order], labels[order], {
             "ipc": cfg.ipc, "num_classes": meta["num_classes"], "squeezed_classifier": cfg.classifier,
             "method": "sre2l-recover" + ("+cda" if cfg.cda else ""), "iterations": cfg.iterations,
-            "r_bn": cfg.r_bn})
+            "r_bn": cfg.r_bn, "processes": acc.num_processes})
         atomic_write_json(out / "recover.json", {"images": len(labels), "ipc": cfg.ipc})
     acc.wait_for_everyone()
     return folder

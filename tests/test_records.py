@@ -15,7 +15,6 @@ from eval.attacks import Strongest
 from purify import ConsistencyStudent
 
 from .conftest import digits_cnn, scheduler_config, tiny_unet
-from .test_harness import Noise
 
 KW = dict(attacks=["pgd"], eps=0.1, steps={"pgd": 3}, check_steps=False, progress=None)
 

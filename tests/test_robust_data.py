@@ -238,6 +238,11 @@ def test_recover_and_relabel_shard_across_two_processes(tmp_path):
                              "ipc=2", "iterations=3", "batch_size=4"], check=True, timeout=300)
     images, labels, meta = load_distilled(tmp_path / "r" / "distilled")
     assert meta["processes"] == 2 and labels.tolist() == [c for c in range(10) for _ in range(2)]
+    # the same set as one process makes: the batches (and their BatchNorm statistics) do not depend on the count
+    main(["recover", "--out", str(tmp_path / "r1"), f"classifier={tmp_path / 's' / 'classifier'}", "ipc=2",
+          "iterations=3", "batch_size=4"])
+    one, labels1, _ = load_distilled(tmp_path / "r1" / "distilled")
+    assert torch.equal(labels1, labels) and torch.allclose(one, images, atol=1e-6)
     subprocess.run(launch + ["relabel", "--out", str(tmp_path / "l"), f"distilled={tmp_path / 'r' / 'distilled'}",
                              f"classifier={tmp_path / 's' / 'classifier'}", "epochs=3"], check=True, timeout=300)
     from core.io import load_tensors
