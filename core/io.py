@@ -112,6 +112,21 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return out
 
 
+def append_jsonl(path: str | Path, records: list[dict]) -> None:
+    """Append records to a JSON-lines file, first cutting a torn last line (a kill mid-write) so that the new
+    records never fuse with it."""
+    path = Path(path)
+    if path.is_file() and path.stat().st_size:
+        with path.open("rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                data = path.read_bytes()
+                f.seek(0)
+                f.truncate(data.rfind(b"\n") + 1)
+    with path.open("a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
 def tensor_digest(*tensors: torch.Tensor) -> str:
     """sha256 of tensors' dtypes, shapes and bytes: which examples a record was made on."""
     import hashlib

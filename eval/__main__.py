@@ -2,6 +2,7 @@
 python -m eval accuracy --purifier DIR --classifier DIR [--n N]
 python -m eval compare --teacher DIR --student DIR [--student DIR ...] --classifier DIR [--out DIR]
 python -m eval robustness --config configs/digits/eval.yaml --out DIR [key=value ...]
+python -m eval certify --config configs/digits/certify.yaml --out DIR [key=value ...]
 python -m eval latency --purifier A [--purifier B ...] [--classifier C] [--onnx FILE ...] --batch-size 1 --out DIR
 python -m eval export --purifier DIR [--classifier DIR] --out FILE.onnx [--opset N] [--batch dynamic|N]"""
 
@@ -46,6 +47,8 @@ def main(argv=None):
                    help="also time the teacher's own UNet as a K-step DDIM sampler (undistilled baselines)")
     add_run_args(sub.add_parser("robustness", help="the attack harness: defenses x attacks, R evaluations, checks"),
                  "configs/digits/eval.yaml")
+    add_run_args(sub.add_parser("certify", help="randomized smoothing: certified L2 accuracy of classifier(purifier)"),
+                 "configs/digits/certify.yaml")
     lat = sub.add_parser("latency", help="seconds per batch of each purifier, alone and with the classifier")
     lat.add_argument("--purifier", action="append", required=True, help="a purifier folder (repeatable)")
     lat.add_argument("--classifier", default=None, help="also time purifier + this classifier")
@@ -91,6 +94,12 @@ def main(argv=None):
 
         cfg = resolve(EvalConfig, args)
         run_or_exit(run_robustness, cfg, args.out)
+        print(f"report written to {args.out}/report.md")
+    elif args.command == "certify":
+        from .certify import CertifyConfig, run_certify
+
+        cfg = resolve(CertifyConfig, args)
+        run_or_exit(run_certify, cfg, args.out)
         print(f"report written to {args.out}/report.md")
     elif args.command == "latency":
         from .latency import run_latency

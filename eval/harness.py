@@ -8,7 +8,6 @@ gathered on the main one, and appended to `examples.jsonl`, from which an interr
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 import zlib
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from core.errors import InputError
-from core.io import atomic_save_tensors, module_digest, read_jsonl, tensor_digest
+from core.io import append_jsonl, atomic_save_tensors, module_digest, read_jsonl, tensor_digest
 from core.runs import make_accelerator, same_or_fail
 
 from .attacks import ATTACKS, AttackContext, build_attack, check_attack, large_eps, preset_eps
@@ -210,8 +209,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks=None, *
         rec = runner(*mine) if mine is not None else None
         got = [r for r in _gather(acc, rec) if r is not None]
         if acc.is_main_process and log is not None:
-            with log.open("a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in got)
+            append_jsonl(log, got)
         for r in got:
             records[r["key"], r["batch"]] = r
         bar.update(len(got))
