@@ -10,19 +10,19 @@ Gaussian noise of a given sigma (`GaussianSmoothing`), Cohen's own setting."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import NormalDist
 
-import numpy as np
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
 from core.errors import InputError
+
+from .binomial import binom_test_p, clopper_pearson_lower
 
 ABSTAIN = -1
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -70,45 +70,6 @@ class GaussianSmoothing(nn.Module):
 
     def extra_repr(self) -> str:
         return f"sigma={self.sigma}"
-
-
-@functools.lru_cache(maxsize=8)
-def _log_factorials(n: int) -> np.ndarray:
-    """log k! for k = 0..n."""
-    return np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, n + 1, dtype=np.float64)))])
-
-
-def _log_binom_tail(k: int, n: int, p: float) -> float:
-    """log P(Bin(n, p) >= k), summed in log space (exact for any n the certificates use)."""
-    if k <= 0 or p >= 1:
-        return 0.0
-    if p <= 0:
-        return -math.inf
-    lf, j = _log_factorials(n), np.arange(k, n + 1)
-    terms = lf[n] - lf[j] - lf[n - j] + j * math.log(p) + (n - j) * math.log1p(-p)
-    m = terms.max()
-    return float(m + math.log(np.exp(terms - m).sum()))
-
-
-def clopper_pearson_lower(k: int, n: int, alpha: float) -> float:
-    """The one-sided (1 - alpha) Clopper-Pearson lower bound on p from k successes in n trials: the p at which
-    P(Bin(n, p) >= k) = alpha (Cohen's LowerConfBound)."""
-    if k <= 0:
-        return 0.0
-    lo, hi = 0.0, k / n
-    log_alpha = math.log(alpha)
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if _log_binom_tail(k, n, mid) < log_alpha else (lo, mid)
-    return lo
-
-
-def binom_test_p(n_a: int, n_b: int) -> float:
-    """Two-sided p-value of n_a successes in n_a + n_b fair coin flips (Cohen's PREDICT test)."""
-    n, k = n_a + n_b, max(n_a, n_b)
-    if n == 0:
-        return 1.0
-    return min(1.0, 2 * math.exp(_log_binom_tail(k, n, 0.5)))
 
 
 @torch.inference_mode()
