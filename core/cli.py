@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import sys
 
 from .config import ConfigError, load_config
@@ -23,6 +24,18 @@ def resolve(cls, args):
         return load_config(cls, args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
+
+
+def _close_process_group():
+    # Under `accelerate launch`, a process that exits with its gloo group still open can abort in the group's
+    # threads ("terminate called without an active exception") after its work is done: close it first.
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+atexit.register(_close_process_group)
 
 
 def run_or_exit(fn, *a, **kw):
