@@ -46,3 +46,9 @@ def binom_test_p(n_a: int, n_b: int) -> float:
     if n == 0:
         return 1.0
     return min(1.0, 2 * math.exp(_log_binom_tail(k, n, 0.5)))
+
+
+def tail_limit(n: int, p: float, level: float = 0.01) -> int:
+    """The smallest k with P(Bin(n, p) >= k) <= level: more events than this are not chance at that level."""
+    log_level = math.log(level)
+    return next(k for k in range(n + 2) if k > n or _log_binom_tail(k, n, p) <= log_level)

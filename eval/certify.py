@@ -161,6 +161,9 @@ class CertifyConfig:
     batch: int = 1000  # draws per forward pass
     radii: list = dataclasses.field(default_factory=lambda: list(RADII))
     seed: int = 0
+    attack_steps: int = 0  # > 0: also attack the smoothed classifier at each radius (eval/smoothed_attack.py)
+    attack_votes: int = 8  # purifications in the soft vote the attack differentiates
+    attack_n: int = 1000  # PREDICT's draws on each attacked point
 
 
 def _defense_rows(cfg: CertifyConfig) -> list[dict]:
@@ -239,6 +242,9 @@ def run_certify(cfg: CertifyConfig, out) -> dict:
     s.check()
     if cfg.examples < 1 or not cfg.radii or min(cfg.radii) < 0:
         raise InputError("examples must be at least 1 and radii a non-empty list of radii >= 0")
+    if cfg.attack_steps < 0 or cfg.attack_votes < 1 or cfg.attack_n < 1:
+        raise InputError(f"attack_steps must be >= 0 and attack_votes, attack_n >= 1, got {cfg.attack_steps}, "
+                         f"{cfg.attack_votes}, {cfg.attack_n}")
     rows = _defense_rows(cfg)
     for row in rows:
         _t_star_of(row)  # a sigma no purifier reaches: refused before any work
@@ -286,13 +292,34 @@ def run_certify(cfg: CertifyConfig, out) -> dict:
         records = [done[j] for j in range(len(y))]
         results[row["label"]] = {**summarize(records, cfg.radii), "sigma": sigma, "purifier": row["purifier"],
                                  "classifier": row["classifier"], "nfe": getattr(model.purifier, "nfe", 0),
-                                 "t_star": getattr(model.purifier, "t_star", None)}
-    report = {"dataset": cfg.dataset, "n0": s.n0, "n": s.n, "alpha": s.alpha, "examples": len(y), "defenses": results}
+                                 "t_star": getattr(model.purifier, "t_star", None),
+                                 "batch_draws_per_second": batch_throughput(model, x[0].to(acc.device), s.batch)}
+        if cfg.attack_steps > 0:
+            from .smoothed_attack import SmoothedAttack, attack_row
+
+            a = SmoothedAttack(cfg.attack_steps, cfg.attack_votes, cfg.attack_n, s.alpha)
+            results[row["label"]]["attack"] = attack_row(acc, model, x, y, records, folder / "attack", a, cfg.radii,
+                                                         cfg.seed, n_classes, s.batch, row["label"])
+    report = {"dataset": cfg.dataset, "n0": s.n0, "n": s.n, "alpha": s.alpha, "batch": s.batch, "examples": len(y),
+              "defenses": results, "raised": [f"{label}: r = {k}" for label, r in results.items()
+                                              for k, c in r.get("attack", {}).items() if c["flag"]]}
+    if cfg.attack_steps > 0:
+        report["attack"] = {"steps": cfg.attack_steps, "votes": cfg.attack_votes, "n": cfg.attack_n}
     if acc.is_main_process:
         atomic_write_json(out / "report.json", report, sort_keys=False)
+        from .certify_report import certified_plot, render
+
         atomic_write_text(out / "report.md", render(report))
         certified_plot(results, out / "certified_vs_radius.png")
     return report
+
+
+def batch_throughput(model: nn.Module, x: torch.Tensor, batch: int) -> float:
+    """Draws per second of one plain forward pass of `batch` copies of x (what `eval latency` times): the ceiling
+    that certification's counting can approach."""
+    from .latency import time_module
+
+    return batch / time_module(model, x.unsqueeze(0).expand(batch, *x.shape).contiguous(), 1, 3)["median_s"]
 
 
 def _reseed(model, seed: int) -> None:
@@ -307,45 +334,3 @@ def _gather(acc, rec):
     from accelerate.utils import gather_object
 
     return gather_object([rec])
-
-
-def certified_plot(results: dict, path) -> None:
-    """Certified accuracy against L2 radius, one curve per defense (from the per-radius summary)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for label, r in results.items():
-        radii = [float(k) for k in r["certified_accuracy"]]
-        ax.plot(radii, [100 * v for v in r["certified_accuracy"].values()], marker="o",
-                label=f"{label} (sigma {r['sigma']:.3g})")
-    ax.set_xlabel("L2 radius ([0, 1] pixels)"), ax.set_ylabel("certified accuracy (%)")
-    ax.set_ylim(0, 100), ax.legend(fontsize=7), ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def render(report: dict) -> str:
-    """The certification report a person reads."""
-    res = report["defenses"]
-    radii = list(next(iter(res.values()))["certified_accuracy"]) if res else []
-    head = ["defense", "NFE", "sigma", "t_star"] + [f"r = {r}" for r in radii] + ["ACR", "abstain", "s / image",
-                                                                               "draws / s"]
-    lines = [f"# Certified L2 robustness on {report['dataset']} (randomized smoothing)", "",
-             f"Cohen et al.'s CERTIFY: n0 {report['n0']}, N {report['n']}, alpha {report['alpha']}, on the same "
-             f"{report['examples']} seeded test images for every row. Certified accuracy in % ± its standard error "
-             "(correct and certified at least that radius, [0, 1] pixels); ACR: average certified radius. A "
-             "certificate is a lower bound on the accuracy any L2 attacker of that radius can leave.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for label, r in res.items():
-        acc_ = [f"{100 * r['certified_accuracy'][k]:.1f} ± {100 * r['certified_accuracy_se'][k]:.1f}" for k in radii]
-        t = "-" if r["t_star"] is None else f"{r['t_star']:.4f}"
-        lines.append("| " + " | ".join([label, str(r["nfe"]), f"{r['sigma']:.3f}", t, *acc_, f"{r['acr']:.3f}",
-                                        f"{100 * r['abstain']:.1f}%", f"{r['seconds_per_image']:.2f}",
-                                        f"{r['draws_per_second']:.0f}"]) + " |")
-    lines += ["", "![certified accuracy against radius](certified_vs_radius.png)", "",
-              "Per-example records (prediction, p_A lower bound, radius, seconds): `<defense>/records.jsonl`.", ""]
-    return "\n".join(lines)

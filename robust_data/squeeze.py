@@ -33,6 +33,7 @@ class SqueezeConfig(LoopConfig):
     adv_eps: float = 1 / 255  # adversarial: Linf budget in [0, 1] pixels
     adv_steps: int = 10
     label_smoothing: float = 0.0
+    noise_sd: float = 0.0  # Gaussian noise augmentation (Cohen et al., 2019): the smoothing sigma, [0, 1] pixels
     epochs: float = 30.0
     batch_size: int = 128
     optimizer: str = "adamw"  # or sgd (momentum 0.9, nesterov)
@@ -59,6 +60,15 @@ def augment(x: torch.Tensor, padding: int, hflip: bool, g: torch.Generator) -> t
     return x
 
 
+def training_inputs(x: torch.Tensor, cfg: SqueezeConfig, g: torch.Generator) -> torch.Tensor:
+    """What the objective sees: the augmented batch, plus N(0, noise_sd^2) per pixel when the classifier is
+    trained for randomized smoothing (Cohen et al.: the base classifier must classify x + sigma eps; unclamped)."""
+    x = augment(x, cfg.crop_padding, cfg.hflip, g)
+    if cfg.noise_sd > 0:
+        x = x + cfg.noise_sd * torch.randn(x.shape, generator=g, device=g.device, dtype=x.dtype).to(x.device)
+    return x
+
+
 @torch.inference_mode()
 def accuracy(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512, device="cpu") -> float:
     """Top-1 accuracy of `model` on tensors (x, y)."""
@@ -73,6 +83,8 @@ def accuracy(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512, dev
 def train_squeeze(cfg: SqueezeConfig, out: str | Path, resume: bool = False) -> Path:
     """Train the squeezed classifier with `cfg.objective`; writes OUT/classifier and returns it."""
     objective = get_objective(cfg.objective, cfg)
+    if not cfg.noise_sd >= 0:
+        raise InputError(f"noise_sd must be >= 0 (the smoothing sigma in [0, 1] pixels), got {cfg.noise_sd}")
     if cfg.optimizer not in ("adamw", "sgd"):
         raise InputError(f"optimizer must be 'adamw' or 'sgd', got {cfg.optimizer!r}")
     run = open_run(cfg, out, resume)
@@ -93,12 +105,12 @@ def train_squeeze(cfg: SqueezeConfig, out: str | Path, resume: bool = False) -> 
     model, opt = acc.prepare(model, opt)
 
     def loss_fn(model, x, y, g):
-        return objective(model, augment(x, cfg.crop_padding, cfg.hflip, g), y, label_smoothing=cfg.label_smoothing)
+        return objective(model, training_inputs(x, cfg, g), y, label_smoothing=cfg.label_smoothing)
 
     seconds = fit(run, cfg, model, opt, lr_sched, loss_fn, step, total, lambda s: None,
                   {"model": acc.unwrap_model(model)}, f"squeeze ({cfg.objective})")["seconds"]
-    return save_trained(acc, model, mcfg, test, out, cfg, {"objective": cfg.objective, "train_steps": total,
-                                                          "train_seconds": seconds})
+    return save_trained(acc, model, mcfg, test, out, cfg, {"objective": cfg.objective, "noise_sd": cfg.noise_sd,
+                                                          "train_steps": total, "train_seconds": seconds})
 
 
 def save_trained(acc, model, mcfg, test, out: Path, cfg, meta: dict) -> Path:

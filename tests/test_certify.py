@@ -18,6 +18,7 @@ from eval.certify import (
     binom_test_p,
     certify,
     clopper_pearson_lower,
+    predict,
     purifier_sigma,
     run_certify,
     t_star_for_sigma,
@@ -125,7 +126,8 @@ def test_a_killed_certification_resumes_to_the_same_records(folders):
     log.write_text("\n".join(lines[:2]) + '\n{"index": 2, "lab')  # killed mid-write after two examples
     again = run_certify(_cfg(folders), folders / "ref")
     fresh = run_certify(_cfg(folders), folders / "fresh")
-    keep = lambda r: {k: v for k, v in r.items() if k not in ("seconds_per_image", "draws_per_second")}  # noqa: E731
+    timed = ("seconds_per_image", "draws_per_second", "batch_draws_per_second")
+    keep = lambda r: {k: v for k, v in r.items() if k not in timed}  # noqa: E731
     for label in ("gaussian-0.17", "cd1"):
         assert keep(again["defenses"][label]) == keep(fresh["defenses"][label]) == keep(ref["defenses"][label])
     recs = [json.loads(x) for x in log.read_text().splitlines()]
@@ -159,6 +161,98 @@ def test_certify_command_reads_its_config_and_names_unknown_keys(folders, monkey
     with pytest.raises(SystemExit, match="n_draws"):
         main(["certify", "--config", "configs/digits/certify.yaml", "--out", str(folders / "c"), "n_draws=5"])
     main(["certify", "--config", "configs/digits/certify.yaml", "--out", str(folders / "c"),
-          f"classifier={folders / 'clf'}", f"defenses=[{folders / 'cd1'}]", "examples=2", "n=20", "n0=5"])
+          f"classifier={folders / 'clf'}", f"defenses=[{folders / 'cd1'}]", "examples=2", "n=20", "n0=5", "attack_n=20"])
     report = json.loads((folders / "c" / "report.json").read_text())
     assert report["defenses"]["cd1"]["examples"] == 2
+    assert report["defenses"]["cd1"]["batch_draws_per_second"] > 0
+
+
+def test_noise_augmented_training_feeds_the_objective_x_plus_sigma_eps(tmp_path, monkeypatch):
+    """Cohen's base classifier is trained on x + sigma eps: the objective must see exactly that noise (unclamped),
+    and none when noise_sd is 0."""
+    import robust_data.squeeze as sq
+
+    x = torch.rand(256, 1, 16, 16)
+    g = torch.Generator().manual_seed(0)
+    cfg = sq.SqueezeConfig(crop_padding=0, noise_sd=0.25)
+    noisy = sq.training_inputs(x, cfg, g)
+    assert (noisy - x).std().item() == pytest.approx(0.25, rel=0.02) and abs((noisy - x).mean().item()) < 0.005
+    assert noisy.min() < 0 and noisy.max() > 1  # not clamped: the certificate smooths x + sigma eps as it is
+    assert torch.equal(sq.training_inputs(x, sq.SqueezeConfig(crop_padding=0), g), x)
+
+    seen = []
+
+    def spy(model, x, y, label_smoothing=0.0):
+        seen.append(x.detach().clone())
+        from robust_data.objectives import cross_entropy
+
+        return cross_entropy(model, x, y)
+
+    monkeypatch.setattr(sq, "get_objective", lambda name, cfg=None: spy)
+    folder = sq.train_squeeze(sq.SqueezeConfig(epochs=0.1, batch_size=64, crop_padding=0, noise_sd=0.5, width=8),
+                           tmp_path / "run")
+    assert seen and all(s.min() < -0.5 and s.max() > 1.5 for s in seen)  # pixels in [0, 1] + N(0, 0.5^2)
+    assert json.loads((folder / "meta.json").read_text())["noise_sd"] == 0.5
+    with pytest.raises(InputError, match="noise_sd must be >= 0"):
+        sq.train_squeeze(sq.SqueezeConfig(noise_sd=-0.1), tmp_path / "bad")
+
+
+def test_the_attack_on_a_smoothed_linear_classifier_stops_at_its_true_radius_and_flags_a_false_certificate():
+    """Gaussian smoothing keeps a linear classifier's boundary, so the smoothed classifier's true L2 radius is the
+    distance d to it: L2 PGD on the soft vote at radius 0.3 must flip the points with d < 0.3 and not the others;
+    certificates below d raise nothing, certificates beyond d are contradicted and flagged."""
+    from eval.defended import Defended
+    from eval.smoothed_attack import SmoothedAttack, attack_smoothed, compare
+
+    clf = Linear()
+    w = clf.w / clf.w.norm()
+    offset = -clf.b / clf.w.norm().item()  # the boundary's signed offset along w from the grey image
+    d = torch.tensor([0.1, -0.2, 0.45, -0.6], dtype=torch.float64)  # signed distances to the boundary
+    x = (0.5 + (offset + d).view(-1, 1, 1, 1) * w).float()
+    y = (d < 0).long()  # class 0 where w.x + b > 0
+    model = Defended(GaussianSmoothing(0.1, seed=0), clf)
+    a = SmoothedAttack(steps=30, votes=8, n=1000, alpha=0.001)
+    adv = attack_smoothed(model, x, y, 0.3, a, seed=0)
+    assert ((adv - x).flatten(1).norm(dim=1) <= 0.3 + 1e-5).all()
+    preds = [predict(model, xa, Smoothing(1, 1000, 0.001, 1000), 2) for xa in adv]
+    assert preds[0] == 1 - int(y[0]) and preds[1] == 1 - int(y[1])  # d < 0.3: across the boundary
+    assert preds[2] == int(y[2]) and preds[3] == int(y[3])  # d > 0.3: out of reach
+    attacked = {"0.3": dict(enumerate(preds))}
+    honest = [{"index": i, "label": int(y[i]), "prediction": int(y[i]), "radius": 0.9 * abs(float(d[i]))}
+              for i in range(4)]
+    c = compare(honest, attacked, 0.001, [0.3])["0.3"]
+    assert c["attacked_accuracy"] == 0.5 and c["certified_accuracy"] == 0.5 and not c["flag"]
+    inflated = [{**r, "radius": 1.0} for r in honest]
+    c = compare(inflated, attacked, 0.001, [0.3])["0.3"]
+    assert c["contradictions"] == [0, 1] and c["flag"]
+
+
+def test_certify_with_the_attack_resumes_and_reports_it(folders):
+    from core.checkpoint import save_classifier
+    from core.datasets import load_dataset, to_tensors
+    from core.models import ClassifierConfig, build_classifier
+
+    # a classifier that is right on the most common label of the 10 examples, whatever its input: certified
+    _, y = to_tensors(load_dataset("digits", "test")[0], 10, seed=0)
+    ccfg = ClassifierConfig(arch="convnet", in_channels=1, num_classes=10, image_size=16, width=4, depth=1,
+                            mean=[0.5], std=[0.5])
+    clf = build_classifier(ccfg)
+    last = [m for m in clf.modules() if isinstance(m, nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.mul_(1e-3), last.bias.zero_()
+        last.bias[int(y.mode().values)] = 5.0
+    save_classifier(clf, folders / "clf", ccfg)
+    cfg = _cfg(folders, examples=10, radii=[0.0, 0.02, 0.05], attack_steps=2, attack_votes=2, attack_n=40)
+    cfg.defenses = [{"purifier": "none", "sigma": 0.17}]
+    first = run_certify(cfg, folders / "a")
+    row = first["defenses"]["gaussian-0.17"]
+    records = [json.loads(x) for x in (folders / "a" / "gaussian-0.17" / "records.jsonl").read_text().splitlines()]
+    certified_at = {f"{r:g}" for r in (0.02, 0.05)
+                    if any(rec["prediction"] == rec["label"] and rec["radius"] >= r for rec in records)}
+    assert certified_at and set(row["attack"]) == certified_at  # attacked exactly where a certificate exists
+    assert "The attack beside the certificate" in (folders / "a" / "report.md").read_text()
+    (folders / "a" / "gaussian-0.17" / "attack" / f"r-{max(certified_at)}.json").unlink()  # killed before the last
+    assert run_certify(cfg, folders / "a")["defenses"]["gaussian-0.17"]["attack"] == row["attack"]
+    with pytest.raises(FileExistsError, match="another config"):  # other attack settings: never mixed in
+        run_certify(_cfg(folders, examples=10, radii=[0.0, 0.02, 0.05], attack_steps=3, attack_votes=2,
+                         attack_n=40, defenses=[{"purifier": "none", "sigma": 0.17}]), folders / "a")

@@ -1,0 +1,103 @@
+"""The upper bound beside the certificate: an L2 attack on the smoothed classifier at each radius of the grid
+(PGD on the soft vote over purifications, SmoothAdv's attack, Salman et al., NeurIPS 2019), judged by Cohen's
+PREDICT on the attacked point. A certified example that the attack turns into a definite wrong prediction
+contradicts the certificate: each side errs with probability at most alpha, so more such examples than
+Bin(certified, 2 alpha) allows at level 0.01 means one of the two is wrong."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .attacks import EOTPGD
+from .binomial import tail_limit
+from .defended import Defended
+
+
+@dataclass(frozen=True)
+class SmoothedAttack:
+    """steps of L2 PGD at radius r on the mean softmax of `votes` purifications; PREDICT with n draws at alpha."""
+
+    steps: int = 20
+    votes: int = 8
+    n: int = 1000
+    alpha: float = 0.001
+    batch: int = 32  # images attacked together
+
+    def settings(self) -> dict:
+        return {"steps": self.steps, "votes": self.votes, "n": self.n, "alpha": self.alpha}
+
+
+def attack_smoothed(model: Defended, x: torch.Tensor, y: torch.Tensor, radius: float, a: SmoothedAttack,
+                    seed: int, desc: str = "attack") -> torch.Tensor:
+    """Adversarial points within L2 `radius` of x against the soft vote of `model`'s purifications."""
+    voted = Defended(model.purifier, model.classifier, votes=a.votes)
+    out = []
+    for i in tqdm(range(0, len(x), a.batch), desc=desc, leave=False):
+        if hasattr(model.purifier, "manual_seed"):
+            model.purifier.manual_seed(seed + i)
+        pgd = EOTPGD(voted, "L2", radius, a.steps, eot=1, loss="ce", seed=seed + i)
+        out.append(pgd(x[i:i + a.batch], y[i:i + a.batch]).detach())
+    return torch.cat(out) if out else x[:0]
+
+
+def compare(records: list[dict], attacked: dict[str, dict[int, int]], alpha: float, radii) -> dict:
+    """Per radius: the accuracy the attack leaves (abstain and misclassified-clean count as wrong), the certified
+    accuracy, the certified examples the attack made PREDICT call wrong, and whether that is beyond chance."""
+    from .certify import ABSTAIN
+
+    n, out = len(records), {}
+    for r in radii:
+        key = f"{r:g}"
+        if key not in attacked:
+            continue
+        preds = attacked[key]
+        ok = {rec["index"] for rec in records if rec["prediction"] == rec["label"]}
+        survive = sum(preds.get(rec["index"], ABSTAIN) == rec["label"] for rec in records if rec["index"] in ok)
+        cert = [rec for rec in records if rec["index"] in ok and rec["radius"] >= r]
+        wrong = [rec["index"] for rec in cert if preds.get(rec["index"], rec["label"]) not in (rec["label"], ABSTAIN)]
+        limit = tail_limit(len(cert), min(1.0, 2 * alpha))
+        out[key] = {"attacked_accuracy": survive / n, "certified_accuracy": len(cert) / n,
+                    "contradictions": wrong, "limit": limit, "flag": len(wrong) >= limit}
+    return out
+
+
+def attack_row(acc, model: Defended, x: torch.Tensor, y: torch.Tensor, records: list[dict], folder, a: SmoothedAttack,
+               radii, seed: int, n_classes: int, draw_batch: int, label: str = "") -> dict:
+    """Attack one certified defense at every radius > 0 where some example is certified (elsewhere there is no
+    certificate to test); FOLDER/r-<radius>.json per radius (resumed), the comparison returned."""
+    from core.io import atomic_write_json, read_json
+    from core.runs import same_or_fail
+
+    from .certify import Smoothing, _gather, _reseed, predict
+
+    same_or_fail(folder / "settings.json", {**a.settings(), "seed": seed}, "attacks on the smoothed classifier",
+                 write=acc.is_main_process)
+    acc.wait_for_everyone()
+    ok = [rec["index"] for rec in records if rec["prediction"] == rec["label"]]
+    s = Smoothing(1, a.n, a.alpha, draw_batch)
+    attacked = {}
+    for k, r in enumerate(radii):
+        key, path = f"{r:g}", folder / f"r-{r:g}.json"
+        if r <= 0 or not any(rec["radius"] >= r for rec in records if rec["prediction"] == rec["label"]):
+            continue
+        if path.is_file():
+            attacked[key] = {int(i): p for i, p in read_json(path).items()}
+            continue
+        mine, preds = ok[acc.process_index::acc.num_processes], {}
+        if mine:
+            idx = torch.tensor(mine)
+            adv = attack_smoothed(model, x[idx].to(acc.device), y[idx].to(acc.device), r, a, seed + 7919 * (k + 1),
+                                  desc=f"attack {label} r={key}")
+            for j, xa in zip(mine, adv):
+                _reseed(model, seed * 1_000_003 + j + 104_729 * (k + 1))
+                preds[j] = predict(model, xa, s, n_classes)
+        merged = {}
+        for got in _gather(acc, preds):
+            merged.update(got)
+        if acc.is_main_process:
+            atomic_write_json(path, {str(i): p for i, p in sorted(merged.items())})
+        attacked[key] = merged
+    return compare(records, attacked, a.alpha, radii)
