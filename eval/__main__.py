@@ -60,6 +60,8 @@ def main(argv=None):
     lat.add_argument("--autocast", choices=["bf16", "fp16"], default=None, help="also time under autocast")
     lat.add_argument("--channels-last", action="store_true", help="also time with channels_last tensors")
     lat.add_argument("--compile", action="store_true", help="also time a torch.compile'd module")
+    lat.add_argument("--gradient-eot", type=int, default=0, metavar="EOT",
+                     help="also time one PGD-EOT gradient at this EOT (needs --classifier): the attack's step cost")
     lat.add_argument("--onnx", action="append", default=[], help="also time an exported file with ONNX Runtime "
                      "(repeatable; exported with the classifier when --classifier is given)")
     ex = sub.add_parser("export", help="a purifier (and its classifier) as ONNX, noise as explicit inputs")
@@ -106,7 +108,8 @@ def main(argv=None):
 
         run_or_exit(run_latency, args.purifier, args.classifier, args.batch_size or [1, 64], args.out,
                     warmup=args.warmup, repeats=args.repeats, device=args.device, autocast=args.autocast,
-                    channels_last=args.channels_last, compile=args.compile, onnx=args.onnx)
+                    channels_last=args.channels_last, compile=args.compile, onnx=args.onnx,
+                    gradient_eot=args.gradient_eot)
     elif args.command == "export":
         print(json.dumps(run_or_exit(_export, args), indent=2))
 

@@ -48,6 +48,11 @@ def binom_test_p(n_a: int, n_b: int) -> float:
     return min(1.0, 2 * math.exp(_log_binom_tail(k, n, 0.5)))
 
 
+def binom_tail(k: int, n: int, p: float) -> float:
+    """P(Bin(n, p) >= k)."""
+    return math.exp(_log_binom_tail(k, n, p))
+
+
 def tail_limit(n: int, p: float, level: float = 0.01) -> int:
     """The smallest k with P(Bin(n, p) >= k) <= level: more events than this are not chance at that level."""
     log_level = math.log(level)

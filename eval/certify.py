@@ -183,7 +183,7 @@ def _defense_rows(cfg: CertifyConfig) -> list[dict]:
         clf = d.get("classifier") or cfg.classifier
         if not Path(clf).is_dir():
             raise FileNotFoundError(f"classifier folder {clf} does not exist")
-        label = d.get("label") or (f"gaussian-{d['sigma']:g}" if bare else Path(d["purifier"]).name)
+        label = d.get("label") or (f"gaussian-{d['sigma']:g}" if bare else _label_of(d["purifier"]))
         base, i = label, 2
         while label in labels:
             label, i = f"{base}-{i}", i + 1
@@ -191,6 +191,15 @@ def _defense_rows(cfg: CertifyConfig) -> list[dict]:
         rows.append({"label": label, "purifier": None if bare else str(d["purifier"]), "sigma": d.get("sigma"),
                      "overrides": {k: d[k] for k in ("steps", "mode") if k in d}, "classifier": clf})
     return rows
+
+
+def _label_of(folder: str) -> str:
+    """A purifier's own label (kind and NFE, e.g. consistency-1), else its folder's name."""
+    from core.io import read_json
+    from purify.purifier import label_of
+
+    meta = Path(folder) / "purifier.json"
+    return label_of(read_json(meta)) if meta.is_file() else Path(folder).name
 
 
 def open_defense(row: dict, seed: int):

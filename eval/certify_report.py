@@ -25,30 +25,45 @@ def certified_plot(results: dict, path) -> None:
     plt.close(fig)
 
 
+def ceiling(n: int, alpha: float) -> float:
+    """The largest certifiable radius in units of sigma with n draws: Phi^-1 of the bound when all n agree."""
+    from statistics import NormalDist
+
+    return NormalDist().inv_cdf(alpha ** (1 / n))
+
+
 def render(report: dict) -> str:
     """The certification report a person reads."""
+    lines = [f"# Certified L2 robustness on {report['dataset']} (randomized smoothing)", "", *body(report)]
+    return "\n".join(lines)
+
+
+def body(report: dict, level: str = "##", folder: str = "") -> list[str]:
+    """The report's text below its title: the table, the attack beside it, the plot (for embedding elsewhere)."""
     res = report["defenses"]
     radii = list(next(iter(res.values()))["certified_accuracy"]) if res else []
-    head = ["defense", "NFE", "sigma", "t_star"] + [f"r = {r}" for r in radii] + ["ACR", "abstain", "s / image",
-                                                                               "draws / s", "of batch rate"]
-    lines = [f"# Certified L2 robustness on {report['dataset']} (randomized smoothing)", "",
-             f"Cohen et al.'s CERTIFY: n0 {report['n0']}, N {report['n']}, alpha {report['alpha']}, on the same "
+    head = ["defense", "NFE", "sigma", "t_star", "r max"] + [f"r = {r}" for r in radii] + [
+        "ACR", "abstain", "s / image", "draws / s", "of batch rate"]
+    lines = [f"Cohen et al.'s CERTIFY: n0 {report['n0']}, N {report['n']}, alpha {report['alpha']}, on the same "
              f"{report['examples']} seeded test images for every row. Certified accuracy in % ± its standard error "
              "(correct and certified at least that radius, [0, 1] pixels); ACR: average certified radius. A "
              "certificate is a lower bound on the accuracy any L2 attacker of that radius can leave. Draws / s: "
              "purifications per second while certifying; of batch rate: that against one plain forward pass of "
-             f"{report.get('batch', 'a batch of')} draws, timed alone.", "",
+             f"{report.get('batch', 'a batch of')} draws, timed alone. With N draws no radius can exceed sigma "
+             f"Phi^-1(alpha^(1/N)) = {ceiling(report['n'], report['alpha']):.2f} sigma (r max below).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, r in res.items():
         acc_ = [f"{100 * r['certified_accuracy'][k]:.1f} ± {100 * r['certified_accuracy_se'][k]:.1f}" for k in radii]
         t = "-" if r["t_star"] is None else f"{r['t_star']:.4f}"
-        lines.append("| " + " | ".join([label, str(r["nfe"]), f"{r['sigma']:.3f}", t, *acc_, f"{r['acr']:.3f}",
+        top = r["sigma"] * ceiling(report["n"], report["alpha"])
+        lines.append("| " + " | ".join([label, str(r["nfe"]), f"{r['sigma']:.3f}", t, f"{top:.2f}", *acc_,
+                                        f"{r['acr']:.3f}",
                                         f"{100 * r['abstain']:.1f}%", f"{r['seconds_per_image']:.2f}",
                                         f"{r['draws_per_second']:.0f}",
                                         f"{100 * r['draws_per_second'] / r['batch_draws_per_second']:.0f}%"]) + " |")
     if report.get("attack"):
         a = report["attack"]
-        lines += ["", "## The attack beside the certificate", "",
+        lines += ["", f"{level} The attack beside the certificate", "",
                   f"L2 PGD, {a['steps']} steps, on the mean softmax of {a['votes']} purifications (SmoothAdv's attack) "
                   "at each radius where some example is certified; the attacked point judged by PREDICT with "
                   f"{a['n']} draws (abstaining counts as wrong). Attacked accuracy is an upper bound, certified "
@@ -63,6 +78,6 @@ def render(report: dict) -> str:
                              f"{100 * c['attacked_accuracy']:.1f}% | {len(c['contradictions'])} ({c['limit']}) | "
                              f"{'**raised**' if c['flag'] else '-'} |")
         lines += ["", "Flags raised: " + (", ".join(report["raised"]) if report["raised"] else "none") + "."]
-    lines += ["", "![certified accuracy against radius](certified_vs_radius.png)", "",
-              "Per-example records (prediction, p_A lower bound, radius, seconds): `<defense>/records.jsonl`.", ""]
-    return "\n".join(lines)
+    return lines + ["", f"![certified accuracy against radius]({folder}certified_vs_radius.png)", "",
+                    f"Per-example records (prediction, p_A lower bound, radius, seconds): `{folder}<defense>/records.jsonl`.",
+                    ""]

@@ -28,8 +28,17 @@ MEANINGS = {
                                   "misused (wrong loss, too few steps, a wrapper that hides the gradient); on a "
                                   "stochastic one its attacks follow single noisy draws and it needs EOT: use "
                                   "autoattack-rand, and report the stronger number.",
+    "gradients-near-orthogonal": "The input gradients of independent purification draws of the same image "
+                                 "point in nearly unrelated directions: each draw's gradient is mostly noise, "
+                                 "averaging a few of them (EOT) cancels rather than converges (DiffHammer's "
+                                 "gradient dilemma), and an attack at this EOT is likely far from converged.",
+    "approximation-beats-full-gradient": "BPDA or a transfer attack broke examples the full-gradient attack "
+                                         "left, beyond chance (paired, the same examples): the exact gradient "
+                                         "is less useful than an approximation of it, the signature of "
+                                         "obfuscated gradients; the full-gradient number overstates robustness.",
 }
 SUITES = ("autoattack", "autoattack-rand")
+APPROXIMATIONS = ("bpda-eot", "transfer")
 SIMPLER = ("pgd", "pgd-eot")
 
 
@@ -46,6 +55,33 @@ def flag(name: str, raised: bool | None, detail: str) -> dict:
             "meaning": MEANINGS[name]}
 
 
+def gradient_probe(model, x: torch.Tensor, y: torch.Tensor, seed: int, draws: int = 4,
+                   threshold: float = 0.1) -> dict:
+    """The mean cosine between the input gradients (cross-entropy) of `draws` independent purifications of each
+    image, over every pair, and the defended model's mean input-gradient norm against the bare classifier's;
+    flagged when the mean cosine is below `threshold` (for random directions in d pixels it is about 0)."""
+    import torch.nn.functional as F
+
+    def grad(net, s=None):
+        if s is not None:
+            model.purifier.manual_seed(s)
+        x_ = x.detach().clone().requires_grad_(True)
+        return torch.autograd.grad(F.cross_entropy(net(x_), y, reduction="sum"), x_)[0].flatten(1)
+
+    g = torch.stack([grad(model, seed + 7 * (i + 1)) for i in range(draws)])  # draws x n x d
+    ratio = (g.norm(dim=2).mean() / grad(model.classifier).norm(dim=1).mean().clamp_min(1e-20)).item()
+    ratio = round(ratio, 4) if ratio >= 1e-4 else ratio
+    if ratio < 1e-6:  # no gradient at all: nothing to compare, and itself a masked gradient
+        return {**flag("gradients-near-orthogonal", True, f"the input gradient is zero through the purifier "
+                       f"({ratio:.3g}x the bare classifier's norm)"), "cosine": None, "norm_ratio": ratio}
+    u = g / g.norm(dim=2, keepdim=True).clamp_min(1e-20)
+    cos = torch.stack([(u[i] * u[j]).sum(1) for i in range(draws) for j in range(i + 1, draws)]).mean().item()
+    return {**flag("gradients-near-orthogonal", cos < threshold,
+                   f"mean cosine {cos:.3f} between the input gradients of {draws} purification draws ({len(x)} "
+                   f"examples, every pair); input-gradient norm {ratio:.3g}x the bare classifier's"),
+            "cosine": round(cos, 4), "norm_ratio": round(ratio, 4)}  # rounded: the same on any thread count
+
+
 @torch.no_grad()
 def seed_checks(purifier, x: torch.Tensor, seed: int) -> list[dict]:
     """Purify one batch under seeds s, s and s + 1: outputs must repeat for s and differ for s + 1."""
@@ -60,7 +96,8 @@ def seed_checks(purifier, x: torch.Tensor, seed: int) -> list[dict]:
 
 
 def accuracy_checks(clean: float, attacks: dict, sweep: list[dict] | None, doubled: dict | None, n: int,
-                    chance: float, base_tol: float, stochastic: bool, large: float) -> list[dict]:
+                    chance: float, base_tol: float, stochastic: bool, large: float,
+                    paired: dict | None = None) -> list[dict]:
     """Flags from the aggregated accuracies (averages over evaluations); each uses its own sample size."""
     def tol(acc, m=n, two=False):
         return tolerance(base_tol, acc, m, stochastic, two)
@@ -85,13 +122,11 @@ def accuracy_checks(clean: float, attacks: dict, sweep: list[dict] | None, doubl
     else:
         flags.append(flag("square-beats-white-box", None, "neither square nor autoattack was run"))
     if doubled:
-        m, base = doubled["examples"], doubled["base"]
-        flags.append(flag("more-steps-change-result", doubled["doubled"] < base - tol(base, m, two=True),
-                          f"{doubled['attack']}: {base:.3f} at {doubled['steps']} steps, "
-                          f"{doubled['doubled']:.3f} at {2 * doubled['steps']} ({m} examples)"))
+        flags.append(_doubled_check(doubled, base_tol))
     else:
         flags.append(flag("more-steps-change-result", None, "the doubled-steps check was not run"))
     flags.append(_suite_check(attacks, stochastic, lambda acc: tol(acc, two=True)))
+    flags.append(_approximation_check(paired or {}, base_tol))
     return flags
 
 
@@ -129,3 +164,43 @@ def _suite_check(attacks: dict, stochastic: bool, tol) -> dict:
            "to report" if stochastic else "the model is deterministic: the suite is misused")
     detail = ", ".join(f"{k} {v:.3f}" for k, v in suites.items()) + f" vs {best} {simpler[best]:.3f}"
     return flag("suite-above-simpler-attack", bool(above), detail + (f"; {why}" if above else ""))
+
+
+def flips(first, second) -> tuple[int, int]:
+    """(examples correct in `first` and not in `second`, the other way round): the pairs a sign test reads."""
+    return (sum(bool(a) and not b for a, b in zip(first, second)),
+            sum(bool(b) and not a for a, b in zip(first, second)))
+
+
+def sign_test(k: int, j: int) -> float:
+    """One-sided exact sign test: P(at least k of k + j fair coin flips go one way)."""
+    from .binomial import binom_tail
+
+    return binom_tail(k, k + j, 0.5) if k + j else 1.0
+
+
+def _approximation_check(paired: dict, base_tol: float, level: float = 0.05) -> dict:
+    """`paired`: attack -> {broken, recovered, approx, exact} against pgd-eot, worst case over R per example."""
+    if not paired:
+        return flag("approximation-beats-full-gradient", None, "pgd-eot was not run beside bpda-eot or transfer")
+    raised, parts = False, []
+    for a, d in paired.items():
+        p = sign_test(d["broken"], d["recovered"])
+        raised |= p <= level and d["exact"] - d["approx"] > base_tol
+        parts.append(f"{a} {d['approx']:.3f} vs pgd-eot {d['exact']:.3f} ({d['broken']} broken only by {a}, "
+                     f"{d['recovered']} only by pgd-eot; p = {p:.3f})")
+    return flag("approximation-beats-full-gradient", raised, "; ".join(parts))
+
+
+def _doubled_check(d: dict, base_tol: float, level: float = 0.05) -> dict:
+    """Paired (McNemar's exact sign test on the same examples): the doubled run broke `broken` examples the base
+    run left and left `recovered` that it broke; if doubling did not help, each flip is a fair coin. Raised when
+    the one-sided p-value is at most `level` and the accuracy fell by more than `base_tol`."""
+    k, j = d["broken"], d["recovered"]
+    p = sign_test(k, j)
+    raised = p <= level and d["base"] - d["doubled"] > base_tol
+    return flag("more-steps-change-result", raised,
+                f"{d['attack']}: {d['base']:.3f} at {d['steps']} steps, {d['doubled']:.3f} at {2 * d['steps']} "
+                f"({d['examples']} examples; {k} broken only by the doubled run, {j} only by the base one; paired "
+                f"sign test p = {p:.3f})")
+

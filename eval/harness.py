@@ -21,10 +21,11 @@ from core.errors import InputError
 from core.io import append_jsonl, atomic_save_tensors, module_digest, read_jsonl, tensor_digest
 from core.runs import make_accelerator, same_or_fail
 
-from .attacks import ATTACKS, AttackContext, build_attack, check_attack, large_eps, preset_eps
+from .attacks import ATTACKS, AttackContext, build_attack, check_attack, check_loss, large_eps, preset_eps
 from .budget import Budget, with_changes
-from .checks import accuracy_checks, seed_checks
+from .checks import APPROXIMATIONS, accuracy_checks, flips, gradient_probe, seed_checks
 from .defended import Defended
+from .memory import available_bytes, graph_bytes
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,9 @@ class _Runner:
     """Runs one (job, batch) item: seeds, crafts, scores."""
 
     def __init__(self, model, x, y, *, norm, n_classes, seed, eot, queries, batch_size, grad_checkpoint,
-                 transfer_source, samples_dir):
+                 transfer_source, samples_dir, losses=None, eot_batch=None):
         self.model, self.x, self.y = model, x, y
+        self.losses, self.eot_batch = losses or {}, eot_batch
         self.norm, self.n_classes, self.seed, self.eot, self.queries = norm, n_classes, seed, eot, queries
         self.batch_size, self.transfer_source, self.samples_dir = batch_size, transfer_source, samples_dir
         self.purifier = purifier_of(model)
@@ -88,8 +90,9 @@ class _Runner:
             target = self.target(job.attack)
             attack = build_attack(job.attack, target, self.norm, job.eps, n_classes=self.n_classes, seed=s,
                                   eot=self.eot, steps=job.steps, queries=self.queries,
-                                  stochastic=purifier_of(target) is not None)
-            with self.checkpointing(job.attack):
+                                  stochastic=purifier_of(target) is not None, loss=self.losses.get(job.attack),
+                                  eot_batch=self.eot_batch)
+            with self.checkpointing(job.attack, len(x) * self.eot):
                 out = attack(x, y)
             x_adv, broken = out if isinstance(out, tuple) else (out, None)
         if self.purifier is not None:
@@ -108,11 +111,14 @@ class _Runner:
         return rec
 
     @contextlib.contextmanager
-    def checkpointing(self, attack: str):
-        """Gradient checkpointing through long purifiers while a full-gradient attack runs on them."""
+    def checkpointing(self, attack: str, rows: int):
+        """Gradient checkpointing through long purifiers while a full-gradient attack runs on them: always (True),
+        never (False), or "auto": when the purifier has more than 8 steps and keeping every step's activations for
+        `rows` images would take more than half the memory available (it costs a second forward pass)."""
         p = purifier_of(self.target(attack)) if not ATTACKS[attack].needs_purifier else None
         on = p is not None and hasattr(p, "set_grad_checkpoint") and (
-            self.grad_checkpoint is True or (self.grad_checkpoint == "auto" and getattr(p, "nfe", 0) > 8))
+            self.grad_checkpoint is True or (self.grad_checkpoint == "auto" and getattr(p, "nfe", 0) > 8
+                                             and graph_bytes(p, self.x[:1]) * rows > available_bytes(self.x) / 2))
         if on:
             p.set_grad_checkpoint(True)
         try:
@@ -159,9 +165,14 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks=None, *
     eps = eps if eps is not None else preset_eps(dataset or "", norm)
     for a in b.attacks:
         check_attack(a, norm)
-    unknown = sorted(set(b.steps) - set(ATTACKS))
+    unknown = sorted((set(b.steps) | set(b.losses)) - set(ATTACKS))
     if unknown:
-        raise InputError(f"steps given for unknown attack(s) {', '.join(unknown)}; known: {', '.join(ATTACKS)}")
+        raise InputError(f"steps or losses given for unknown attack(s) {', '.join(unknown)}; known: "
+                         f"{', '.join(ATTACKS)}")
+    for a, loss in b.losses.items():
+        check_loss(a, loss)
+    if b.eot_batch is not None and b.eot_batch < 1:
+        raise InputError(f"eot_batch must be at least 1 (or None: all EOT copies at once), got {b.eot_batch}")
     if "transfer" in b.attacks and transfer_source is None:
         raise InputError("the transfer attack needs transfer_source (the defense to craft the examples on)")
     x, y = check_batch(x, y)
@@ -180,6 +191,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks=None, *
     stochastic = purifier is not None
     with torch.no_grad():
         n_classes = model(x[:2]).shape[1]
+    if n_classes < 3 and "dlr" in b.losses.values():
+        raise InputError(f"the dlr loss needs at least 3 classes (it divides by z_1 - z_3); this model has {n_classes}")
 
     R, eot = (b.evals, b.eot) if stochastic else (1, 1)  # a deterministic model: one evaluation, no EOT
     flags = seed_checks(purifier, x[:min(16, n)], b.seed) if stochastic else []
@@ -189,6 +202,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks=None, *
     # records are keyed on what was measured: the weights of every model involved and the examples themselves
     settings = {"examples": n, "labels": zlib.crc32(y.cpu().numpy().tobytes()), "norm": norm, "eps": eps,
                 "eot": eot, "queries": b.queries, "batch_size": b.batch_size, "seed": b.seed,
+                "losses": {a: b.losses[a] for a in sorted(b.losses) if a in b.attacks}, "eot_batch": b.eot_batch,
+                "pgd": "best iterate, batched eot",  # how the PGD-EOT family crafts (records of older code differ)
                 "jobs": [[j.key, j.eps, j.steps, j.n] for j in jobs],
                 "images": tensor_digest(x, y), "model": module_digest(model),
                 "transfer_source": module_digest(transfer_source) if "transfer" in b.attacks else None}
@@ -201,7 +216,10 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks=None, *
     items = [(j, i) for j in jobs for i in range(n_batches(j, n, b.batch_size)) if (j.key, i) not in records]
     runner = _Runner(model, x, y, norm=norm, n_classes=n_classes, seed=b.seed, eot=eot, queries=b.queries,
                      batch_size=b.batch_size, grad_checkpoint=grad_checkpoint, transfer_source=transfer_source,
-                     samples_dir=samples)
+                     samples_dir=samples, losses=b.losses, eot_batch=b.eot_batch)
+    if stochastic and hasattr(model, "classifier") and acc.is_main_process:  # the main process writes the report
+        with runner.checkpointing("pgd-eot", min(8, n)):
+            flags = flags + [gradient_probe(model, x[:min(8, n)], y[:min(8, n)], b.seed)]
     world, rank = acc.num_processes, acc.process_index
     bar = tqdm(total=len(items), desc=progress, disable=progress is None or not acc.is_main_process)
     for start in range(0, len(items), world):
@@ -268,7 +286,22 @@ def _gather(acc, rec):
 def budgets(attacks, b: Budget, norm: str, eps: float, eot: int, n_classes: int, stochastic: bool) -> dict:
     """What each attack was allowed, in words a reader can check."""
     return {a: ATTACKS[a].budget(AttackContext(norm, eps, b.steps.get(a) or ATTACKS[a].steps, n_classes, b.seed, eot,
-                                               b.queries, stochastic)) for a in attacks}
+                                               b.queries, stochastic, b.losses.get(a))) for a in attacks}
+
+
+def paired_against(mats: dict, exact: str, others) -> dict:
+    """Each of `others` against `exact` on the same examples, worst case over the R evaluations per example."""
+    if exact not in mats:
+        return {}
+    e = mats[exact].all(0)
+    out = {}
+    for a in others:
+        if a in mats:
+            o = mats[a].all(0)
+            broken, recovered = flips(e.tolist(), o.tolist())
+            out[a] = {"broken": broken, "recovered": recovered, "approx": o.float().mean().item(),
+                      "exact": e.float().mean().item()}
+    return out
 
 
 def accuracy_stats(m: torch.Tensor) -> dict:
@@ -318,10 +351,11 @@ def summarize(names, R, jobs, records, y, n, batch_size, stochastic, chance, tol
             c2 = collect(j.key)
             c1 = mats[j.attack][0, :len(c2)].tolist()
             doubled = {"attack": j.attack, "steps": j.steps // 2, "base": sum(c1) / len(c1),
-                       "doubled": sum(c2) / len(c2), "examples": len(c2)}
+                       "doubled": sum(c2) / len(c2), "examples": len(c2),
+                       **dict(zip(("broken", "recovered"), flips(c1, c2)))}  # paired: the same examples
     clean = stats(clean_m)
     flags = flags + accuracy_checks(clean["average"], attacks, sweep, doubled, n, chance, tolerance,
-                                    stochastic, large)
+                                    stochastic, large, paired_against(mats, "pgd-eot", APPROXIMATIONS))
     # robust to all attacks: correct in every clean evaluation and under every attack in every evaluation
     worst_all = torch.stack([clean_m, *mats.values()]).all(0).all(0).float().mean().item() if mats else None
     per_example = {"label": y.tolist(), "clean": clean_m.T.tolist(), **{k: m.T.tolist() for k, m in mats.items()}}

@@ -58,6 +58,33 @@ def time_module(module, x: torch.Tensor, warmup: int = 2, repeats: int = 10, aut
             "peak_memory_mb": peak}
 
 
+def time_gradient(model, x: torch.Tensor, eot: int, warmup: int = 1, repeats: int = 3,
+                  checkpoint: bool = False) -> dict:
+    """Median and p90 seconds of one PGD-EOT gradient (`eot` purifications, batched, full gradient through the
+    purifier; checkpointed when `checkpoint`), what each attack step costs."""
+    from .attacks import EOTPGD
+
+    y = torch.zeros(len(x), dtype=torch.long, device=x.device)
+    attack, timed = EOTPGD(model, steps=1, eot=eot), _timer(x.device)
+    p = getattr(model, "purifier", None)
+    trainable = [q for q in model.parameters() if q.requires_grad]
+    for q in trainable:  # as the harness attacks: no parameter gradients (restored after)
+        q.requires_grad_(False)
+    if checkpoint:
+        p.set_grad_checkpoint(True)
+    try:
+        for _ in range(warmup):
+            attack.gradient(x, y)
+        times = sorted(timed(lambda: attack.gradient(x, y)) for _ in range(repeats))
+    finally:
+        if checkpoint:
+            p.set_grad_checkpoint(False)
+        for q in trainable:
+            q.requires_grad_(True)
+    return {"median_s": statistics.median(times), "p90_s": times[min(len(times) - 1, round(0.9 * (len(times) - 1)))],
+            "peak_memory_mb": None}
+
+
 def variants(autocast: str | None, channels_last: bool, compile: bool) -> list[dict]:
     """The plain setting, then each requested speed-up alone (so each is measured, not assumed)."""
     out = [{"name": "plain"}]
@@ -74,8 +101,14 @@ def variants(autocast: str | None, channels_last: bool, compile: bool) -> list[d
 
 def benchmark(purifiers: dict, classifier=None, batch_sizes=(1, 64), warmup: int = 2, repeats: int = 10,
               device: str | None = None, autocast: str | None = None, channels_last: bool = False,
-              compile: bool = False, seed: int = 0, onnx=()) -> list[dict]:
-    """One row per (variant, purifier, batch size, alone / with classifier); speed-up against the first purifier."""
+              compile: bool = False, seed: int = 0, onnx=(), gradient_eot: int = 0) -> list[dict]:
+    """One row per (variant, purifier, batch size, alone / with classifier); speed-up against the first purifier.
+    `gradient_eot` > 0 (needs a classifier): also one PGD-EOT gradient at that EOT per purifier and batch size
+    (variant `gradient-eot<k>`; purifiers of more than 8 steps checkpointed, as the harness does)."""
+    if gradient_eot < 0:
+        raise InputError(f"gradient_eot must be >= 0 (0: do not time the attack gradient), got {gradient_eot}")
+    if gradient_eot and classifier is None:
+        raise InputError("timing the attack gradient needs --classifier (it differentiates the classifier's loss)")
     if not purifiers:
         raise InputError("give at least one purifier to time")
     if any(b < 1 for b in batch_sizes):
@@ -96,6 +129,14 @@ def benchmark(purifiers: dict, classifier=None, batch_sizes=(1, 64), warmup: int
         if v.get("channels_last"):
             module.to(memory_format=torch.contiguous_format)
         rows.append(_row(v["name"], device, label, with_clf, b, pur.nfe, r, torch.get_num_threads()))
+    for label in purifiers if gradient_eot else []:
+        pur = purifiers[label].to(device).manual_seed(seed)
+        for b in batch_sizes:
+            x = torch.rand(b, pur.channels, *pur.image_size, generator=torch.Generator().manual_seed(seed)).to(device)
+            r = time_gradient(Defended(pur, classifier.to(device)), x, gradient_eot,
+                              min(warmup, 1), max(1, min(repeats, 3)), checkpoint=pur.nfe > 8)
+            rows.append(_row(f"gradient-eot{gradient_eot}", device, label, True, b, pur.nfe, r,
+                             torch.get_num_threads()))
     rows += _onnx_rows(onnx, batch_sizes, warmup, repeats, seed)
     for row in rows:
         ref = next(r for r in rows if r["variant"] == row["variant"] and r["batch_size"] == row["batch_size"]
@@ -140,6 +181,17 @@ def render(rows: list[dict], device: str) -> str:
         lines.append(f"| {r['variant']} | {r['purifier']} | {'yes' if r['with_classifier'] else 'no'} | "
                      f"{r['batch_size']} | {r['nfe']} | {r['threads']} | {r['median_s']:.4f} | {r['p90_s']:.4f} | "
                      f"{r['images_per_s']:.1f} | {r['ms_per_image']:.2f} | {peak} | {r['speedup']:.1f}x | {vs} |")
+    grads = [r for r in rows if r["variant"].startswith("gradient-")]
+    if grads:
+        lines += ["", "Attack cost: one PGD-EOT gradient (all EOT draws, full gradient through the purifier) against "
+                  "one forward pass of the defense, same batch (ms per image):", "",
+                  "| purifier | batch | forward | gradient | gradient / forward |", "|---|---|---|---|---|"]
+        for g in grads:
+            f = next((r for r in rows if r["variant"] == "plain" and r["purifier"] == g["purifier"]
+                      and r["batch_size"] == g["batch_size"] and r["with_classifier"]), None)
+            if f:
+                lines.append(f"| {g['purifier']} | {g['batch_size']} | {f['ms_per_image']:.2f} | "
+                             f"{g['ms_per_image']:.2f} | {g['median_s'] / f['median_s']:.1f}x ({g['variant']}) |")
     lines += ["", "Speed-up: the first purifier's median time over this row's, same variant, batch and "
               "classifier setting; vs plain: the same purifier's plain median over this row's. Peak memory is "
               "torch.cuda.max_memory_allocated (not measured on CPU). onnxruntime rows: the exported file "

@@ -30,17 +30,24 @@ class SmoothedAttack:
         return {"steps": self.steps, "votes": self.votes, "n": self.n, "alpha": self.alpha}
 
 
+class FixedDraws(torch.nn.Module):
+    """The soft vote on the same `votes` purification draws at every call (the purifier reseeded each time), as
+    SmoothAdv keeps its noise samples fixed over the attack's steps: PGD then ascends one smooth function."""
+
+    def __init__(self, model: Defended, votes: int, seed: int):
+        super().__init__()
+        self.voted, self.seed = Defended(model.purifier, model.classifier, votes=votes), seed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self.voted.purifier, "manual_seed"):
+            self.voted.purifier.manual_seed(self.seed)
+        return self.voted(x)
+
+
 def attack_smoothed(model: Defended, x: torch.Tensor, y: torch.Tensor, radius: float, a: SmoothedAttack,
-                    seed: int, desc: str = "attack") -> torch.Tensor:
-    """Adversarial points within L2 `radius` of x against the soft vote of `model`'s purifications."""
-    voted = Defended(model.purifier, model.classifier, votes=a.votes)
-    out = []
-    for i in tqdm(range(0, len(x), a.batch), desc=desc, leave=False):
-        if hasattr(model.purifier, "manual_seed"):
-            model.purifier.manual_seed(seed + i)
-        pgd = EOTPGD(voted, "L2", radius, a.steps, eot=1, loss="ce", seed=seed + i)
-        out.append(pgd(x[i:i + a.batch], y[i:i + a.batch]).detach())
-    return torch.cat(out) if out else x[:0]
+                    seed: int) -> torch.Tensor:
+    """Adversarial points within L2 `radius` of x (one batch) against the soft vote of `model`'s purifications."""
+    return EOTPGD(FixedDraws(model, a.votes, seed), "L2", radius, a.steps, eot=1, loss="ce", seed=seed)(x, y).detach()
 
 
 def compare(records: list[dict], attacked: dict[str, dict[int, int]], alpha: float, radii) -> dict:
@@ -73,8 +80,8 @@ def attack_row(acc, model: Defended, x: torch.Tensor, y: torch.Tensor, records: 
 
     from .certify import Smoothing, _gather, _reseed, predict
 
-    same_or_fail(folder / "settings.json", {**a.settings(), "seed": seed}, "attacks on the smoothed classifier",
-                 write=acc.is_main_process)
+    same_or_fail(folder / "settings.json", {**a.settings(), "seed": seed, "pgd": "best iterate, fixed draws"},
+                 "attacks on the smoothed classifier", write=acc.is_main_process)
     acc.wait_for_everyone()
     ok = [rec["index"] for rec in records if rec["prediction"] == rec["label"]]
     s = Smoothing(1, a.n, a.alpha, draw_batch)
@@ -86,12 +93,16 @@ def attack_row(acc, model: Defended, x: torch.Tensor, y: torch.Tensor, records: 
         if path.is_file():
             attacked[key] = {int(i): p for i, p in read_json(path).items()}
             continue
-        mine, preds = ok[acc.process_index::acc.num_processes], {}
-        if mine:
-            idx = torch.tensor(mine)
-            adv = attack_smoothed(model, x[idx].to(acc.device), y[idx].to(acc.device), r, a, seed + 7919 * (k + 1),
-                                  desc=f"attack {label} r={key}")
-            for j, xa in zip(mine, adv):
+        # batches of the examples in their global order, dealt round-robin: the same batches, seeds and
+        # predictions on any number of processes
+        batches = [ok[i:i + a.batch] for i in range(0, len(ok), a.batch)]
+        preds = {}
+        for batch in tqdm(batches[acc.process_index::acc.num_processes], desc=f"attack {label} r={key}",
+                          leave=False, disable=not acc.is_main_process):
+            idx = torch.tensor(batch)
+            adv = attack_smoothed(model, x[idx].to(acc.device), y[idx].to(acc.device), r, a,
+                                  seed * 1_000_003 + batch[0] + 7919 * (k + 1))
+            for j, xa in zip(batch, adv):
                 _reseed(model, seed * 1_000_003 + j + 104_729 * (k + 1))
                 preds[j] = predict(model, xa, s, n_classes)
         merged = {}

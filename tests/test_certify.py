@@ -121,19 +121,19 @@ def _cfg(folders, **kw):
 
 def test_a_killed_certification_resumes_to_the_same_records(folders):
     ref = run_certify(_cfg(folders), folders / "ref")
-    log = folders / "ref" / "cd1" / "records.jsonl"
+    log = folders / "ref" / "consistency-1" / "records.jsonl"
     lines = log.read_text().splitlines()
     log.write_text("\n".join(lines[:2]) + '\n{"index": 2, "lab')  # killed mid-write after two examples
     again = run_certify(_cfg(folders), folders / "ref")
     fresh = run_certify(_cfg(folders), folders / "fresh")
     timed = ("seconds_per_image", "draws_per_second", "batch_draws_per_second")
     keep = lambda r: {k: v for k, v in r.items() if k not in timed}  # noqa: E731
-    for label in ("gaussian-0.17", "cd1"):
+    for label in ("gaussian-0.17", "consistency-1"):  # a purifier row is named by its kind and NFE
         assert keep(again["defenses"][label]) == keep(fresh["defenses"][label]) == keep(ref["defenses"][label])
     recs = [json.loads(x) for x in log.read_text().splitlines()]
     assert sorted(r["index"] for r in recs) == [0, 1, 2, 3]
     assert (folders / "ref" / "report.md").is_file() and (folders / "ref" / "certified_vs_radius.png").is_file()
-    assert abs(fresh["defenses"]["cd1"]["sigma"] - 0.1694) < 5e-4
+    assert abs(fresh["defenses"]["consistency-1"]["sigma"] - 0.1694) < 5e-4
 
 
 def test_a_student_refuses_a_sigma_beyond_its_t_star_and_bad_settings_fail_before_work(folders):
@@ -163,8 +163,8 @@ def test_certify_command_reads_its_config_and_names_unknown_keys(folders, monkey
     main(["certify", "--config", "configs/digits/certify.yaml", "--out", str(folders / "c"),
           f"classifier={folders / 'clf'}", f"defenses=[{folders / 'cd1'}]", "examples=2", "n=20", "n0=5", "attack_n=20"])
     report = json.loads((folders / "c" / "report.json").read_text())
-    assert report["defenses"]["cd1"]["examples"] == 2
-    assert report["defenses"]["cd1"]["batch_draws_per_second"] > 0
+    assert report["defenses"]["consistency-1"]["examples"] == 2
+    assert report["defenses"]["consistency-1"]["batch_draws_per_second"] > 0
 
 
 def test_noise_augmented_training_feeds_the_objective_x_plus_sigma_eps(tmp_path, monkeypatch):
@@ -256,3 +256,13 @@ def test_certify_with_the_attack_resumes_and_reports_it(folders):
     with pytest.raises(FileExistsError, match="another config"):  # other attack settings: never mixed in
         run_certify(_cfg(folders, examples=10, radii=[0.0, 0.02, 0.05], attack_steps=3, attack_votes=2,
                          attack_n=40, defenses=[{"purifier": "none", "sigma": 0.17}]), folders / "a")
+
+
+@pytest.mark.parametrize("path", ["configs/digits/certify.yaml", "configs/digits/certify-sigma.yaml"])
+def test_shipped_certify_configs_load_and_keep_one_n_for_every_row(path):
+    from core.config import load_config
+
+    cfg = load_config(CertifyConfig, path)
+    assert cfg.examples >= 100 and cfg.n0 <= cfg.n and cfg.attack_steps > 0
+    labels = [d["label"] if isinstance(d, dict) else d for d in cfg.defenses]
+    assert len(set(labels)) == len(labels)

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from core.datasets import load_dataset, to_tensors
-from eval import EOTPGD, Defended, evaluate
+from eval import Defended, evaluate
 from eval.attacks import ATTACKS
 from purify import DiffPure, Purifier
 
@@ -129,27 +129,6 @@ def test_worst_case_counts_survival_of_every_evaluation_and_falls_below_the_aver
     # (the worst-case and "all attacks" formulas are checked on a hand-made matrix in test_right_numbers)
 
 
-def test_eot_gradient_is_the_mean_of_that_many_sampled_gradients(clf, data):
-    x, y = data[0][:4], data[1][:4]
-    purifier = Noise()
-    model = Defended(purifier, clf)
-    attack = EOTPGD(model, eps=0.1, steps=1, eot=4)
-    purifier.manual_seed(7)
-    g = attack.gradient(x, y)
-    purifier.manual_seed(7)
-    singles = []
-    for _ in range(4):
-        x_ = x.clone().requires_grad_(True)
-        singles.append(torch.autograd.grad(F.cross_entropy(model(x_), y, reduction="sum"), x_)[0])
-    assert torch.allclose(g, torch.stack(singles).mean(0), atol=1e-6)
-    assert not torch.allclose(singles[0], singles[1])  # the samples differ, so the mean is a real average
-
-    calls = []
-    model.purifier.register_forward_hook(lambda *a: calls.append(1))
-    EOTPGD(model, eps=0.1, steps=3, eot=4)(x, y)
-    assert len(calls) == 12  # steps x eot purifications
-
-
 def _strip_timing(report):
     report = json.loads(json.dumps(report))
     report.pop("seconds", None)
@@ -189,6 +168,12 @@ def test_bad_requests_fail_before_any_work(clf, data):
         evaluate(model, x, y, ["pgd"], dataset="mnist")
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         evaluate(model, x * 255, y, ["pgd"], eps=0.1)
+    with pytest.raises(ValueError, match="cw takes no loss 'dlr'.*choice of loss: pgd-eot"):
+        evaluate(model, x, y, ["cw"], eps=0.1, losses={"cw": "dlr"})
+    with pytest.raises(ValueError, match="pgd-eot takes no loss 'hinge'; it takes ce, margin, dlr"):
+        evaluate(model, x, y, ["pgd-eot"], eps=0.1, losses={"pgd-eot": "hinge"})
+    with pytest.raises(ValueError, match="eot_batch must be at least 1"):
+        evaluate(model, x, y, ["pgd-eot"], eps=0.1, eot_batch=0)
 
 
 def test_l2_attacks_stay_inside_the_ball(clf, data):
@@ -286,6 +271,21 @@ def test_latency_benchmark_measures_each_variant_beside_the_plain_one(folders, t
     assert "| plain | consistency-1 | yes | 4 | 1 |" in (tmp_path / "lat" / "latency.md").read_text()
 
 
+def test_latency_times_the_attack_gradient_beside_the_forward_pass(folders, tmp_path):
+    from eval.__main__ import main
+
+    root, clf_dir = folders
+    with pytest.raises(SystemExit, match="needs --classifier"):
+        main(["latency", "--purifier", str(root / "student"), "--gradient-eot", "2", "--repeats", "1"])
+    main(["latency", "--purifier", str(root / "student"), "--classifier", str(clf_dir), "--batch-size", "4",
+          "--warmup", "0", "--repeats", "2", "--gradient-eot", "2", "--out", str(tmp_path / "g")])
+    rows = json.loads((tmp_path / "g" / "latency.json").read_text())["rows"]
+    grad = [r for r in rows if r["variant"] == "gradient-eot2"]
+    forward = next(r for r in rows if r["variant"] == "plain" and r["with_classifier"])
+    assert len(grad) == 1 and grad[0]["median_s"] > 0 and forward["median_s"] > 0
+    assert "gradient / forward" in (tmp_path / "g" / "latency.md").read_text()
+
+
 @pytest.mark.slow
 def test_robustness_sharded_over_two_processes_gives_the_single_process_report(folders, tmp_path):
     root, clf_dir = folders
@@ -325,17 +325,25 @@ def test_records_of_another_evaluation_are_never_mixed_in(clf, data, tmp_path):
         evaluate(Defended(None, clf), x, y, eps=0.2, **kw)
 
 
-def test_full_gradient_attacks_checkpoint_long_purifiers_and_only_while_they_run(clf, data):
+def test_full_gradient_attacks_checkpoint_long_purifiers_only_when_memory_asks_and_only_while_they_run(
+        clf, data, monkeypatch):
+    import eval.harness as harness
+
     x, y = data[0][:8], data[1][:8]
     purifier = DiffPure(tiny_unet(1, 16), scheduler_config(), t_star=0.002, steps=10)
     seen = []
     purifier.register_forward_hook(lambda m, i, o: seen.append((torch.is_grad_enabled(),
                                                                  m.x0_net.grad_checkpoint)))
-    evaluate(Defended(purifier, clf), x, y, ["pgd-eot", "bpda-eot"], eps=0.1, eot=1,
-             steps={"pgd-eot": 1, "bpda-eot": 1}, check_steps=False, progress=None)
+    kw = dict(eps=0.1, eot=1, steps={"pgd-eot": 1, "bpda-eot": 1}, check_steps=False, progress=None)
+    plenty = evaluate(Defended(purifier, clf), x, y, ["pgd-eot", "bpda-eot"], **kw)
+    assert not any(ckpt for _, ckpt in seen)  # a small graph: kept whole, no second forward pass
+    seen.clear()
+    monkeypatch.setattr(harness, "available_bytes", lambda x: 1000)  # a machine that cannot hold it
+    scarce = evaluate(Defended(purifier, clf), x, y, ["pgd-eot", "bpda-eot"], **kw)
     assert (True, True) in seen  # pgd-eot: gradients through the 10 steps, checkpointed
-    assert all(not ckpt for grad, ckpt in seen if not grad)  # scoring and BPDA's forward: off
-    assert purifier.x0_net.grad_checkpoint is False
+    assert purifier.x0_net.grad_checkpoint is False  # and only while the attack runs
+    # the same numbers either way: checkpointing changes no gradient, and sizing the graph draws no noise
+    assert plenty["per_example"] == scarce["per_example"]
 
 
 def test_checkpointed_gradient_through_the_purifier_equals_the_plain_one(clf, data):

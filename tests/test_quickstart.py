@@ -19,6 +19,7 @@ TINY = {
                            "check_n": 8, "batch_size": 8},
                 "teacher": {"n": 4}, "teacher_elsewhere": {"n": 4, "evals": 1, "eot": 1, "attacks": ["bpda-eot"],
                                                            "steps": {"bpda-eot": 1}}},
+    "certify": {"examples": 4, "n0": 5, "n": 20, "batch": 25},
     "latency": {"batch_sizes": [1, 4], "warmup": 0, "repeats": 1},
 }
 DEFENSES = ["undefended", "teacher", "progressive-1", "progressive-2", "progressive-4", "consistency-1",
@@ -91,14 +92,27 @@ def test_fast_quickstart_runs_every_stage_and_reuses_them(tmp_path, capsys):
     assert "| guard | consistency-4 |" in text and "Pareto front" in text
     assert "| guard | teacher * |" in text and "same 4 examples" in text
 
-    # a rerun reuses every stage and every attacked batch
-    lines = {p: p.read_text() for p in (out / "eval").rglob("examples.jsonl")}
+    # certificates: DDS and the 1-step students behind the standard classifier, Gaussian noise bare and before a
+    # classifier trained with that noise, all at the teacher's sigma, on the same images
+    cert = report["certify"]
+    assert list(cert["defenses"]) == ["gaussian", "gaussian-noise-trained", "dds", "progressive-1", "consistency-1"]
+    sigma = {round(r["sigma"], 3) for r in cert["defenses"].values()}
+    assert sigma == {0.169} and cert["examples"] == 4 and cert["n"] == 20
+    assert cert["defenses"]["dds"]["nfe"] == 1 and cert["defenses"]["gaussian"]["nfe"] == 0
+    assert read_json(out / "classifier-noise" / "classifier" / "meta.json")["noise_sd"] == pytest.approx(0.1694, 1e-3)
+    assert (out / "certify" / "certified_vs_radius.png").is_file() and "## Certified robustness" in text
+
+    # a rerun reuses every stage, every attacked batch and every certificate
+    lines = {p: p.read_text() for p in [*(out / "eval").rglob("examples.jsonl"), *(out / "certify").rglob("*.jsonl")]}
     capsys.readouterr()
     again = quickstart(out, fast=True, cfg=cfg)
     printed = capsys.readouterr().out
-    assert printed.count("unchanged: reusing") == 12  # 4 training stages, 3 + 4 pipeline stages, latency
+    assert printed.count("unchanged: reusing") == 13  # 5 training stages, 3 + 4 pipeline stages, latency
     assert {p: p.read_text() for p in lines} == lines
     assert again["rows"] == report["rows"]
+    timed = ("seconds_per_image", "draws_per_second", "batch_draws_per_second")
+    assert all({k: v for k, v in again["certify"]["defenses"][d].items() if k not in timed} ==
+               {k: v for k, v in cert["defenses"][d].items() if k not in timed} for d in cert["defenses"])
 
 
 def test_quickstart_refuses_bad_budgets_before_work(tmp_path):
@@ -113,6 +127,8 @@ def test_quickstart_refuses_bad_budgets_before_work(tmp_path):
         quickstart(tmp_path / "q", cfg=quickstart_config(changes={"student_steps": [3]}))
     with pytest.raises(ValueError, match="ipc"):
         quickstart(tmp_path / "q", cfg=quickstart_config(changes={"recover": {"ipc": 0}}))
+    with pytest.raises(ValueError, match="n0"):
+        quickstart(tmp_path / "q", cfg=quickstart_config(changes={"certify": {"n0": 1000, "n": 100}}))
     assert not (tmp_path / "q").exists()
 
 

@@ -11,7 +11,7 @@ import torch.nn as nn
 from core.errors import InputError
 from core.io import module_digest, read_jsonl
 from eval import Defended, evaluate
-from eval.autoattack import Strongest
+from eval.attacks import Strongest
 from purify import ConsistencyStudent
 
 from .conftest import digits_cnn, scheduler_config, tiny_unet

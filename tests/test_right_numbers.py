@@ -173,11 +173,18 @@ def _flags(**kw):
     return {f["name"]: f for f in accuracy_checks(**args)}
 
 
-def test_doubled_steps_compares_two_noisy_evaluations_with_their_two_sample_error():
-    f = _flags(doubled={"attack": "pgd-eot", "steps": 10, "base": 0.5, "doubled": 0.33, "examples": 64})
-    assert f["more-steps-change-result"]["checked"] and not f["more-steps-change-result"]["raised"]
-    f = _flags(doubled={"attack": "pgd-eot", "steps": 10, "base": 0.5, "doubled": 0.25, "examples": 64})
-    assert f["more-steps-change-result"]["raised"]
+def test_doubled_steps_is_a_paired_test_that_can_fire_at_small_samples():
+    """32 examples, 5 broken only by the doubled run and none the other way: a paired sign test says p = 0.031
+    (flag), while two independent proportions 0.50 vs 0.34 are within their two-sample error (an unpaired check
+    cannot fire there). The same drop with 5 flips each way is noise."""
+    d = {"attack": "pgd-eot", "steps": 10, "base": 0.5, "doubled": 0.34375, "examples": 32, "broken": 5,
+         "recovered": 0}
+    f = _flags(doubled=d)["more-steps-change-result"]
+    assert f["checked"] and f["raised"] and "p = 0.031" in f["detail"]
+    assert not _flags(doubled={**d, "broken": 10, "recovered": 5})["more-steps-change-result"]["raised"]
+    assert not _flags(doubled={**d, "broken": 4})["more-steps-change-result"]["raised"]  # p = 0.0625
+    wide = {**d, "examples": 320, "doubled": 0.5 - 5 / 320}  # significant, but a drop within the tolerance
+    assert not _flags(doubled=wide)["more-steps-change-result"]["raised"]
 
 
 def test_sweep_is_read_in_epsilon_order_and_the_large_epsilon_check_needs_the_large_epsilon():
@@ -197,6 +204,15 @@ def test_sweep_and_check_jobs_use_exactly_their_examples(clf, data):
                  sweep_n=7, check_n=6, progress=None)
     assert [p["eps"] for p in r["sweep"]] == [0.05, 0.5] and {p["examples"] for p in r["sweep"]} == {7}
     assert r["doubled_steps"]["examples"] == 6
+    assert {"broken", "recovered"} <= set(r["doubled_steps"])
+
+
+def test_flips_count_each_example_by_the_way_it_changed():
+    from eval.checks import flips
+
+    base, doubled = [1, 1, 0, 0, 1, 1], [1, 0, 1, 0, 0, 1]
+    assert flips(base, doubled) == (2, 1)  # examples 1 and 4 broken by the doubled run, example 2 recovered
+    assert flips([True] * 3, [True] * 3) == (0, 0)
 
 
 def test_suite_scoring_above_a_simpler_attack_is_flagged_with_the_reason():

@@ -40,6 +40,20 @@ class HarnessBudget:
     check_defenses: list[str] = field(default_factory=lambda: ["undefended", "progressive-1", "consistency-1"])
 
 @dataclass
+class CertifyBudget:
+    """Randomized-smoothing certificates in the main job (eval/certify.py): the standard classifier behind DDS (the
+    teacher's one-shot denoiser) and the 1-step students, bare under Gaussian noise, and a classifier trained with
+    that noise, on `examples` test images at `n` draws (`python -m eval certify` runs Cohen's N)."""
+
+    examples: int = 32
+    n0: int = 50
+    n: int = 500
+    alpha: float = 0.001
+    batch: int = 550
+    attack_steps: int = 0  # > 0: the L2 attack on each smoothed classifier beside its certificate
+
+
+@dataclass
 class LatencyBudget:
     batch_sizes: list[int] = field(default_factory=lambda: [1, 64])
     warmup: int = 1
@@ -71,6 +85,7 @@ class QuickstartConfig:
     distilled_train: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=300, temperature=20.0, min_crop=0.5, flip=False))
     harness: HarnessBudget = field(default_factory=HarnessBudget)
+    certify: CertifyBudget = field(default_factory=CertifyBudget)
     latency: LatencyBudget = field(default_factory=LatencyBudget)
 
 # --fast: a smoke run of every stage in about 3 minutes; its numbers are not results
@@ -86,6 +101,7 @@ FAST = {
                            "sweep_eps": [0.1, 0.5], "sweep_n": 16, "check_n": 16},
                 "bare": {"attacks": ["pgd"], "steps": {}}, "teacher": {"n": 4},
                 "teacher_elsewhere": {"n": 4, "evals": 1, "eot": 1, "attacks": ["bpda-eot"], "steps": {"bpda-eot": 2}}},
+    "certify": {"examples": 8, "n0": 20, "n": 100, "batch": 120},
     "latency": {"repeats": 1},
 }
 
@@ -107,6 +123,7 @@ SMOKE = {
     "harness": {"budget": {"n": 2, **_SMOKE_ATTACK, "queries": 10, "sweep_n": 2, "check_n": 2, "batch_size": 2},
                 "bare": {"steps": _ONE_STEP}, "teacher": {"n": 2, **_SMOKE_ATTACK},
                 "teacher_elsewhere": {"n": 2, "evals": 1, "eot": 1, "attacks": ["bpda-eot"], "steps": _ONE_STEP}},
+    "certify": {"examples": 2, "n0": 2, "n": 4, "batch": 6},
     "latency": {"batch_sizes": [1], "warmup": 0, "repeats": 1},
 }
 

@@ -182,6 +182,14 @@ def render(r: dict) -> str:
                   ""]
         lines += [f"- {row['classifier']} / {row['defense']}: " +
                   ", ".join(f"{p['eps']:g}: {_pct(p['accuracy'])}" for p in row["sweep"]) for row in sweeps]
+    if r.get("certify"):
+        from ..certify_report import body
+
+        lines += ["", "## Certified robustness (randomized smoothing)", "",
+                  "A lower bound beside the attacks' upper bounds: the standard classifier behind DDS (the teacher's "
+                  "one-shot denoiser) and the 1-step students, and under Gaussian noise of the same sigma bare and "
+                  "trained with that noise (`certify/report.md`; `python -m eval certify` for Cohen's N).", "",
+                  *body(r["certify"], "###", "certify/")]
     lines += ["", "## Clean, adversarial, purified", "", "![clean / adversarial / purified](purification_grid.png)", "",
               "## Latency", "", "| purifier / classifier | NFE | batch | median s | ms / image | images / s | "
               "speed-up vs teacher |", "|---|---|---|---|---|---|---|"]

@@ -1,4 +1,4 @@
-"""The main job's orchestration: the five stages, each reused when unchanged and resumed when interrupted."""
+"""The main job's orchestration: the six stages, each reused when unchanged and resumed when interrupted."""
 
 from __future__ import annotations
 
@@ -70,8 +70,29 @@ def pretrained_teacher(cfg: QuickstartConfig, folder: Path) -> Path:
     process_state().wait_for_everyone()
     return product
 
+def certify_stage(cfg: QuickstartConfig, out: Path, clf: Path, teacher: Path, purifiers: dict, stages: dict) -> dict:
+    """Cohen's CERTIFY of the standard classifier behind DDS (the teacher's one-shot denoiser) and the 1-step
+    students, bare under Gaussian noise of the teacher's sigma, and of a classifier trained with that noise."""
+    from ..certify import CertifyConfig, purifier_sigma, run_certify
+
+    sigma = round(purifier_sigma(load_purifier(teacher)), 4)
+    defenses = [{"purifier": "none", "sigma": sigma, "label": "gaussian"}]
+    if not cfg.classifier_from:  # the job trains its classifier: train Cohen's baseline beside it
+        noisy = run_stage(out / "classifier-noise", replace(stages["classifier"], {"noise_sd": sigma}), train_squeeze,
+                          "classifier")
+        defenses.append({"purifier": "none", "sigma": sigma, "label": "gaussian-noise-trained",
+                         "classifier": str(noisy)})
+    defenses.append({"purifier": str(teacher), "steps": 1, "mode": "ode", "label": "dds"})
+    defenses += [{"purifier": str(folder), "label": label} for label, folder in purifiers.items()
+                 if label.endswith("-1")]
+    c = cfg.certify
+    return run_certify(CertifyConfig(dataset=cfg.dataset, data_root=cfg.data_root, classifier=str(clf),
+                                     defenses=defenses, examples=c.examples, n0=c.n0, n=c.n, alpha=c.alpha,
+                                     batch=c.batch, seed=cfg.seed, attack_steps=c.attack_steps), out / "certify")
+
+
 def quickstart(out: str | Path = "runs/quickstart", fast: bool = False, cfg: QuickstartConfig | None = None) -> dict:
-    """Run (reuse, resume) the five stages into OUT and write OUT/report.{md,json} and the plots."""
+    """Run (reuse, resume) the six stages into OUT and write OUT/report.{md,json} and the plots."""
     cfg = cfg or quickstart_config(fast)
     out = Path(out)
     stages = stage_configs(cfg)
@@ -81,6 +102,12 @@ def quickstart(out: str | Path = "runs/quickstart", fast: bool = False, cfg: Qui
                          f"start_steps {cfg.progressive.start_steps}: {plan}")
     if cfg.recover.ipc < 1:
         raise InputError(f"recover.ipc must be a positive integer, got {cfg.recover.ipc}")
+    from ..certify import Smoothing
+
+    Smoothing(cfg.certify.n0, cfg.certify.n, cfg.certify.alpha, cfg.certify.batch).check()  # before any training
+    if cfg.certify.examples < 1 or cfg.certify.attack_steps < 0:
+        raise InputError(f"certify.examples must be >= 1 and certify.attack_steps >= 0, got "
+                         f"{cfg.certify.examples}, {cfg.certify.attack_steps}")
     if process_state().is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -92,7 +119,7 @@ def quickstart(out: str | Path = "runs/quickstart", fast: bool = False, cfg: Qui
         clock[name] = round(time.perf_counter() - t0, 1)
         return result
 
-    print("stage 1/5: the standard classifier and the DiffPure teacher")
+    print("stage 1/6: the standard classifier and the DiffPure teacher")
     if cfg.classifier_from:
         clf = Path(cfg.classifier_from)
         load_classifier(clf)  # a wrong folder fails here, with the reason
@@ -104,7 +131,7 @@ def quickstart(out: str | Path = "runs/quickstart", fast: bool = False, cfg: Qui
     else:
         teacher = timed("teacher", lambda: run_stage(out / "teacher", stages["teacher"], train_teacher, "purifier"))
 
-    print("stage 2/5: progressive and consistency students")
+    print("stage 2/6: progressive and consistency students")
     timed("progressive", lambda: run_stage(out / "progressive", stages["progressive"],
                                            lambda c, o, resume: train_progressive(c, teacher, o, resume), "students",
                                            inputs={"teacher": teacher}))
@@ -115,7 +142,7 @@ def quickstart(out: str | Path = "runs/quickstart", fast: bool = False, cfg: Qui
     for kind in ("progressive", "consistency"):
         purifiers.update({f"{kind}-{k}": out / kind / "students" / f"steps-{k}" for k in sorted(cfg.student_steps)})
 
-    print(f"stage 3/5: SRe2L and {cfg.robust_objective} distilled data ({cfg.recover.ipc} images per class)")
+    print(f"stage 3/6: SRe2L and {cfg.robust_objective} distilled data ({cfg.recover.ipc} images per class)")
     shared = {"dataset": cfg.dataset, "data_root": cfg.data_root, "recover": to_dict(cfg.recover),
               "relabel": to_dict(cfg.relabel), "train": to_dict(stages["distilled_train"])}
     sre2l = timed("sre2l", lambda: pipeline(replace(PipelineConfig(), {
@@ -125,7 +152,7 @@ def quickstart(out: str | Path = "runs/quickstart", fast: bool = False, cfg: Qui
     classifiers = {"standard": clf, "sre2l": Path(sre2l["classifier"]),
                    f"{cfg.robust_objective}": Path(robust["classifier"])}
 
-    print("stage 4/5: every classifier bare and behind every purifier, standard and adaptive attacks")
+    print("stage 4/6: every classifier bare and behind every purifier, standard and adaptive attacks")
     evals = {}
     for name, folder in classifiers.items():
         print(f"[eval] classifier: {name}")
@@ -134,12 +161,16 @@ def quickstart(out: str | Path = "runs/quickstart", fast: bool = False, cfg: Qui
         evals[name] = timed(f"eval {name}", lambda: run_robustness(
             eval_config(cfg, folder, purifiers, standard=name == "standard"), where))
 
+    print("stage 5/6: certified robustness (randomized smoothing) of DDS, the 1-step students and Gaussian noise")
+    certified = timed("certify", lambda: certify_stage(cfg, out, clf, teacher, purifiers, stages))
+
     if not process_state().is_main_process:  # under `accelerate launch`: the main process times and reports
         return {}
-    print("stage 5/5: latency of every defense")
+    print("stage 6/6: latency of every defense")
     latency = timed("latency", lambda: measure_latency(cfg, purifiers, classifiers, out / "latency"))
 
     report = build_report(cfg, out, fast, classifiers, purifiers, evals, latency, {"sre2l": sre2l, "robust": robust})
+    report["certify"] = certified
     report["seconds"] = {"total": round(time.perf_counter() - t_start, 1), **clock}
     figures(cfg, out, report, evals, purifiers)
     atomic_write_json(out / "report.json", report, sort_keys=False)

@@ -4,24 +4,15 @@ per example for a stochastic one, over torchattacks' components."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torchattacks
 
-if TYPE_CHECKING:
-    from .attacks import AttackContext
+from .base import AttackContext, margin_loss
 
 AA_TARGETS = 9  # standard AutoAttack: APGD-T and FAB-T against the 9 highest-scoring wrong classes
-
-
-def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Carlini-Wagner margin: the best wrong logit minus the true one (positive once misclassified)."""
-    true = logits.gather(1, y[:, None]).squeeze(1)
-    wrong = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), -float("inf")).amax(1)
-    return wrong - true
 
 
 @dataclass

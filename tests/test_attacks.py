@@ -1,0 +1,205 @@
+"""The strongest attacker: PGD-EOT's batched draws and best iterate, the flags that tell a masked gradient, and
+DiffHammer's selective attack against averaged gradients (EOT) on a defense whose
+purification draws pull in different directions."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from core.datasets import load_dataset, to_tensors
+from eval import Defended, evaluate
+from eval.attacks import EOTPGD, DiffHammer, build_attack
+
+from .conftest import digits_cnn
+from .test_harness import Noise
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    return digits_cnn()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return to_tensors(load_dataset("digits", "test")[0], 32)
+
+
+class Modes(nn.Module):
+    """Each draw moves the image to one of K far-apart places (per example): u = x - 1/2 + c_k. Behind it a
+    classifier that is a different linear function near each place, so the draws' gradients at their purified
+    images are nearly orthogonal and their average is short: DiffHammer's gradient dilemma in miniature."""
+
+    def __init__(self, k: int = 8, d: int = 64, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.centers = 0.5 + 3 * torch.randn(k, d, generator=g)
+        self.manual_seed(0)
+
+    def manual_seed(self, seed: int) -> "Modes":
+        self.gen = torch.Generator().manual_seed(seed)
+        return self
+
+    def forward(self, x):
+        k = torch.randint(len(self.centers), (len(x),), generator=self.gen)
+        return (x.flatten(1) - 0.5 + self.centers[k]).view_as(x)
+
+    def every_mode(self, x):
+        return [(x.flatten(1) - 0.5 + c).view_as(x) for c in self.centers]
+
+
+class Gated(nn.Module):
+    """Two classes, z(u) = margin + sum_k exp(-|u - c_k|^2 / 10) w_k.(u - c_k), logits (z, -z): near place k, the
+    linear function w_k."""
+
+    def __init__(self, centers, margin: float = 2.0, seed: int = 1):
+        super().__init__()
+        self.centers, self.margin = centers, margin
+        self.w = torch.randn(*centers.shape, generator=torch.Generator().manual_seed(seed))
+
+    def forward(self, u):
+        delta = u.flatten(1)[:, None, :] - self.centers[None]  # n x K x d
+        z = self.margin + (torch.exp(-delta.pow(2).sum(2) / 10) * (delta * self.w[None]).sum(2)).sum(1)
+        return torch.stack([z, -z], 1)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    purifier = Modes()
+    clf = Gated(purifier.centers)
+    x = (0.5 + 0.005 * torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(2))).clamp(0, 1)
+    eps = 1.4 * clf.margin / clf.w.abs().sum(1).mean().item()  # one place's own sign step: 1.4 margins
+    return purifier, clf, x, torch.zeros(16, dtype=torch.long), eps
+
+
+def _fooled_on_some_draw(purifier, clf, adv, y):
+    return torch.stack([clf(u).argmax(1) != y for u in purifier.every_mode(adv)]).any(0)
+
+
+def test_diffhammer_breaks_on_some_draw_what_averaged_gradients_cannot(toy):
+    """The selective attack follows one place's gradient and fools that place for most examples; PGD-EOT's averaged
+    gradient of 8 nearly orthogonal ones moves every place by about a third as much and fools none."""
+    purifier, clf, x, y, eps = toy
+    model = Defended(purifier, clf)
+    assert not _fooled_on_some_draw(purifier, clf, x, y).any()
+    purifier.manual_seed(3)
+    hammer = DiffHammer(model, "Linf", eps, steps=30, eot=8, seed=0)(x, y)
+    purifier.manual_seed(3)
+    eot = EOTPGD(model, "Linf", eps, steps=30, eot=8, loss="margin", seed=0)(x, y)
+    for adv in (hammer, eot):
+        assert (adv - x).abs().max() <= eps + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    assert _fooled_on_some_draw(purifier, clf, hammer, y).float().mean() >= 0.6
+    assert not _fooled_on_some_draw(purifier, clf, eot, y).any()
+
+
+def test_diffhammer_through_the_harness_and_by_name(toy):
+    purifier, clf, x, y, eps = toy
+    attack = build_attack("diffhammer", Defended(purifier, clf), "Linf", eps, n_classes=2, steps=5, eot=4,
+                          stochastic=True)
+    assert isinstance(attack, DiffHammer) and attack.loss == "margin" and attack.eot == 4
+    r = evaluate(Defended(purifier, clf), x, y, ["pgd-eot", "diffhammer"], eps=eps, evals=8, eot=8,
+                 steps={"pgd-eot": 30, "diffhammer": 30}, losses={"pgd-eot": "margin"}, check_steps=False,
+                 progress=None)
+    # R = 8 resubmissions, each scored on a fresh draw that lands on the fooled place 1 time in 8
+    assert r["attacks"]["diffhammer"]["worst"] <= 0.8 and r["attacks"]["pgd-eot"]["worst"] == 1.0
+    assert "DiffHammer" in r["budgets"]["diffhammer"] and "margin loss" in r["budgets"]["pgd-eot"]
+
+
+def test_eot_gradient_is_the_mean_of_that_many_sampled_gradients(cnn, batch):
+    x, y = batch[0][:4], batch[1][:4]
+    purifier = Noise()
+    model = Defended(purifier, cnn)
+    # one pass at a time: the mean of `eot` gradients drawn one after another
+    attack = EOTPGD(model, eps=0.1, steps=1, eot=4, eot_batch=1)
+    purifier.manual_seed(7)
+    g, loss = attack.gradient(x, y)
+    purifier.manual_seed(7)
+    singles, losses = [], []
+    for _ in range(4):
+        x_ = x.clone().requires_grad_(True)
+        ce = F.cross_entropy(model(x_), y, reduction="none")
+        singles.append(torch.autograd.grad(ce.sum(), x_)[0])
+        losses.append(ce.detach())
+    assert torch.allclose(g, torch.stack(singles).mean(0), atol=1e-6)
+    assert torch.allclose(loss, torch.stack(losses).mean(0), atol=1e-6)
+    assert not torch.allclose(singles[0], singles[1])  # the samples differ, so the mean is a real average
+    # batched (the default): the four draws are four stacked copies in one pass, each its own noise
+    purifier.manual_seed(7)
+    g4, _ = EOTPGD(model, eps=0.1, steps=1, eot=4).gradient(x, y)
+    purifier.manual_seed(7)
+    x4 = x.repeat(4, 1, 1, 1).requires_grad_(True)
+    per_copy = torch.autograd.grad(F.cross_entropy(model(x4), y.repeat(4), reduction="sum"), x4)[0].view(4, *x.shape)
+    assert torch.allclose(g4, per_copy.mean(0), atol=1e-6) and not torch.allclose(per_copy[0], per_copy[1])
+
+    rows = []
+    model.purifier.register_forward_hook(lambda m, inp, out: rows.append(len(inp[0])))
+    EOTPGD(model, eps=0.1, steps=3, eot=4)(x, y)
+    assert rows == [16] * 4  # steps x eot purifications in 3 batched passes, and one scoring the last iterate
+    rows.clear()
+    EOTPGD(model, eps=0.1, steps=3, eot=4, eot_batch=3, best=False)(x, y)
+    assert rows == [12, 4] * 3  # chunks of at most eot_batch copies
+
+
+class Periodic(nn.Module):
+    """A loss that oscillates along any path: PGD's last iterate is rarely its best."""
+
+    def forward(self, x):
+        s = torch.sin(40 * x.flatten(1).mean(1))
+        return torch.stack([s, -s], 1)
+
+
+def test_pgd_keeps_each_examples_best_iterate_and_the_dlr_loss_is_croce_and_heins():
+    from eval.attacks.pgd import dlr_loss
+
+    x = torch.rand(32, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(32, dtype=torch.long)
+    model = Periodic()
+    seen = []
+    model.register_forward_hook(lambda m, inp, out: seen.append(inp[0].detach().clone()))
+    kw = dict(norm="Linf", eps=0.2, steps=6, alpha=0.15, seed=1)
+    best = EOTPGD(model, **kw)(x, y)
+    visited = torch.stack(seen[:-1])  # the iterates the run evaluated (the last entry: the final iterate's score)
+    ce = lambda z: F.cross_entropy(model(z), y, reduction="none")  # noqa: E731
+    last = EOTPGD(model, **kw, best=False)(x, y)
+    every = torch.stack([ce(v) for v in visited] + [ce(last)])
+    assert torch.allclose(ce(best), every.amax(0), atol=1e-6)  # the highest loss of the whole run, per example
+    assert (ce(best) > ce(last) + 1e-4).any()  # and not the last iterate where they differ
+    assert ((best - x).abs().amax() <= 0.2 + 1e-6) and best.min() >= 0 and best.max() <= 1
+    logits = torch.tensor([[3.0, 1.0, 0.5, 0.0], [0.0, 2.0, 1.0, -1.0]])
+    assert torch.allclose(dlr_loss(logits, torch.tensor([0, 0])), torch.tensor([-(3 - 1) / (3 - 0.5), (2 - 0) / (2 - 0)]))
+
+
+class Quantize(Noise):
+    """Rounds to 33 grey levels (zero gradient almost everywhere) plus a little noise: an obfuscated gradient."""
+
+    def purify(self, x, generator):
+        return (torch.round(x * 16) / 16 + 0.01 * torch.randn(x.shape, generator=generator)).clamp(-1, 1)
+
+
+def test_bpda_beating_the_full_gradient_is_flagged_paired_and_an_honest_gradient_is_not(cnn, batch):
+    x, y = batch
+    kw = dict(eps=0.1, steps={"pgd-eot": 10, "bpda-eot": 10}, evals=1, eot=1, check_steps=False, progress=None)
+    r = evaluate(Defended(Quantize(), cnn), x, y, ["pgd-eot", "bpda-eot"], **kw)
+    f = {f["name"]: f for f in r["flags"]}["approximation-beats-full-gradient"]
+    assert f["raised"] and "approximation-beats-full-gradient" in r["raised"], f["detail"]
+    r = evaluate(Defended(Noise(), cnn), x, y, ["pgd-eot", "bpda-eot"], **kw)
+    f = {f["name"]: f for f in r["flags"]}["approximation-beats-full-gradient"]
+    assert f["checked"] and not f["raised"], f["detail"]
+
+
+class RandomSign(Noise):
+    """Flips each pixel's sign at random: every draw's input gradient is the classifier's times a random sign
+    mask, so the gradients of two draws are nearly orthogonal."""
+
+    def purify(self, x, generator):
+        return x * torch.randn(x.shape, generator=generator).sign()
+
+
+def test_gradient_probe_flags_near_orthogonal_draws_and_not_an_additive_noise():
+    from eval.checks import gradient_probe
+
+    clf_, (x, y) = digits_cnn(), to_tensors(load_dataset("digits", "test")[0], 8)
+    f = gradient_probe(Defended(RandomSign(), clf_), x, y, seed=0)
+    assert f["raised"] and abs(f["cosine"]) < 0.1 and "mean cosine" in f["detail"]
+    f = gradient_probe(Defended(Noise(), clf_), x, y, seed=0)
+    assert not f["raised"] and f["cosine"] > 0.5 and 0.3 < f["norm_ratio"] < 3
