@@ -23,7 +23,7 @@ from core.runs import make_accelerator, same_or_fail
 
 from .attacks import ATTACKS, AttackContext, build_attack, check_attack, check_loss, large_eps, preset_eps
 from .budget import Budget, with_changes
-from .checks import APPROXIMATIONS, accuracy_checks, flips, gradient_probe, seed_checks
+from .checks import APPROXIMATIONS, accuracy_checks, flag, flips, gradient_probe, seed_checks
 from .defended import Defended
 from .memory import available_bytes, graph_bytes
 
@@ -217,9 +217,13 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks=None, *
     runner = _Runner(model, x, y, norm=norm, n_classes=n_classes, seed=b.seed, eot=eot, queries=b.queries,
                      batch_size=b.batch_size, grad_checkpoint=grad_checkpoint, transfer_source=transfer_source,
                      samples_dir=samples, losses=b.losses, eot_batch=b.eot_batch)
+    full_gradient = [a for a in b.attacks if ATTACKS[a].white_box and not ATTACKS[a].needs_purifier]
     if stochastic and hasattr(model, "classifier") and acc.is_main_process:  # the main process writes the report
-        with runner.checkpointing("pgd-eot", min(8, n)):
-            flags = flags + [gradient_probe(model, x[:min(8, n)], y[:min(8, n)], b.seed)]
+        if full_gradient:  # the probe reads the gradient those attacks follow; it costs their backward pass
+            with runner.checkpointing("pgd-eot", min(8, n)):
+                flags = flags + [gradient_probe(model, x[:min(8, n)], y[:min(8, n)], b.seed)]
+        else:
+            flags = flags + [flag("gradients-near-orthogonal", None, "no full-gradient attack in this budget")]
     world, rank = acc.num_processes, acc.process_index
     bar = tqdm(total=len(items), desc=progress, disable=progress is None or not acc.is_main_process)
     for start in range(0, len(items), world):
