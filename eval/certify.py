@@ -247,6 +247,8 @@ def run_certify(cfg: CertifyConfig, out) -> dict:
     from core.io import append_jsonl, atomic_write_json, atomic_write_text, module_digest, read_jsonl, tensor_digest
     from core.runs import make_accelerator, same_config_or_fail, same_or_fail
 
+    from .harness import gather_all
+
     s = Smoothing(cfg.n0, cfg.n, cfg.alpha, cfg.batch)
     s.check()
     if cfg.examples < 1 or not cfg.radii or min(cfg.radii) < 0:
@@ -290,7 +292,7 @@ def run_certify(cfg: CertifyConfig, out) -> dict:
                 # every example from (seed, index) alone: the same certificate on any process, after any kill
                 _reseed(model, cfg.seed * 1_000_003 + j)
                 rec = {"index": j, "label": int(y[j]), **certify(model, x[j].to(acc.device), sigma, s, n_classes)}
-            got = [r for r in _gather(acc, rec) if r is not None]
+            got = [r for r in gather_all(acc, rec) if r is not None]
             if acc.is_main_process:
                 folder.mkdir(parents=True, exist_ok=True)
                 append_jsonl(log, got)
@@ -337,11 +339,3 @@ def _reseed(model, seed: int) -> None:
     p = getattr(model, "purifier", None)
     if p is not None and hasattr(p, "manual_seed"):
         p.manual_seed(seed)
-
-
-def _gather(acc, rec):
-    if acc.num_processes == 1:
-        return [rec]
-    from accelerate.utils import gather_object
-
-    return gather_object([rec])

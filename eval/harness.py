@@ -229,7 +229,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks=None, *
     for start in range(0, len(items), world):
         mine = items[start + rank] if start + rank < len(items) else None
         rec = runner(*mine) if mine is not None else None
-        got = [r for r in _gather(acc, rec) if r is not None]
+        got = [r for r in gather_all(acc, rec) if r is not None]
         if acc.is_main_process and log is not None:
             append_jsonl(log, got)
         for r in got:
@@ -279,7 +279,8 @@ def _check_settings(path: Path, settings: dict, acc) -> None:
     acc.wait_for_everyone()
 
 
-def _gather(acc, rec):
+def gather_all(acc, rec) -> list:
+    """Every process's record on every process (one process: just this one)."""
     if acc.num_processes == 1:
         return [rec]
     from accelerate.utils import gather_object

@@ -42,6 +42,12 @@ def _timer(device: torch.device):
     return timed
 
 
+def _timing(times: list[float], peak) -> dict:
+    """Median and p90 of sorted call times, with the peak memory."""
+    return {"median_s": statistics.median(times), "p90_s": times[min(len(times) - 1, round(0.9 * (len(times) - 1)))],
+            "peak_memory_mb": peak}
+
+
 def time_module(module, x: torch.Tensor, warmup: int = 2, repeats: int = 10, autocast: str | None = None) -> dict:
     """Median and p90 seconds per call of `module(x)` after `warmup` calls; peak CUDA memory."""
     device = x.device
@@ -54,8 +60,7 @@ def time_module(module, x: torch.Tensor, warmup: int = 2, repeats: int = 10, aut
             torch.cuda.reset_peak_memory_stats(device)
         times = sorted(timed(lambda: module(x)) for _ in range(repeats))
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return {"median_s": statistics.median(times), "p90_s": times[min(len(times) - 1, round(0.9 * (len(times) - 1)))],
-            "peak_memory_mb": peak}
+    return _timing(times, peak)
 
 
 def time_gradient(model, x: torch.Tensor, eot: int, warmup: int = 1, repeats: int = 3,
@@ -81,8 +86,7 @@ def time_gradient(model, x: torch.Tensor, eot: int, warmup: int = 1, repeats: in
             p.set_grad_checkpoint(False)
         for q in trainable:
             q.requires_grad_(True)
-    return {"median_s": statistics.median(times), "p90_s": times[min(len(times) - 1, round(0.9 * (len(times) - 1)))],
-            "peak_memory_mb": None}
+    return _timing(times, None)
 
 
 def variants(autocast: str | None, channels_last: bool, compile: bool) -> list[dict]:

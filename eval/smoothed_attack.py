@@ -78,7 +78,8 @@ def attack_row(acc, model: Defended, x: torch.Tensor, y: torch.Tensor, records: 
     from core.io import atomic_write_json, read_json
     from core.runs import same_or_fail
 
-    from .certify import Smoothing, _gather, _reseed, predict
+    from .certify import Smoothing, _reseed, predict
+    from .harness import gather_all
 
     same_or_fail(folder / "settings.json", {**a.settings(), "seed": seed, "pgd": "best iterate, fixed draws"},
                  "attacks on the smoothed classifier", write=acc.is_main_process)
@@ -106,7 +107,7 @@ def attack_row(acc, model: Defended, x: torch.Tensor, y: torch.Tensor, records: 
                 _reseed(model, seed * 1_000_003 + j + 104_729 * (k + 1))
                 preds[j] = predict(model, xa, s, n_classes)
         merged = {}
-        for got in _gather(acc, preds):
+        for got in gather_all(acc, preds):
             merged.update(got)
         if acc.is_main_process:
             atomic_write_json(path, {str(i): p for i, p in sorted(merged.items())})
