@@ -8,6 +8,7 @@ gathered on the main one, and appended to `examples.jsonl`, from which an interr
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import zlib
 from dataclasses import dataclass
@@ -113,18 +114,24 @@ class _Runner:
     @contextlib.contextmanager
     def checkpointing(self, attack: str, rows: int):
         """Gradient checkpointing through long purifiers while a full-gradient attack runs on them: always (True),
-        never (False), or "auto": when the purifier has more than 8 steps and keeping every step's activations for
-        `rows` images would take more than half the memory available (it costs a second forward pass)."""
+        never (False), or "auto": for a purifier of more than 8 steps, the share of its UNet calls to recompute in
+        backward (a second forward pass each) so that the activations kept for `rows` images take at most half
+        the memory available; none when they fit. It changes the time taken, never a gradient."""
         p = purifier_of(self.target(attack)) if not ATTACKS[attack].needs_purifier else None
-        on = p is not None and hasattr(p, "set_grad_checkpoint") and (
-            self.grad_checkpoint is True or (self.grad_checkpoint == "auto" and getattr(p, "nfe", 0) > 8
-                                             and graph_bytes(p, self.x[:1]) * rows > available_bytes(self.x) / 2))
-        if on:
-            p.set_grad_checkpoint(True)
+        share = 0.0
+        if p is not None and hasattr(p, "set_grad_checkpoint"):
+            if self.grad_checkpoint is True:
+                share = 1.0
+            elif self.grad_checkpoint == "auto" and getattr(p, "nfe", 0) > 8:
+                need = graph_bytes(p, self.x[:1]) * rows
+                share = min(1.0, max(0.0, 1 - available_bytes(self.x) / 2 / need))
+                share = math.ceil(share * 20) / 20  # in steps of 5%: a tidy pattern, a little margin
+        if share:
+            p.set_grad_checkpoint(share)
         try:
             yield
         finally:
-            if on:
+            if share:
                 p.set_grad_checkpoint(False)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
@@ -33,12 +35,13 @@ class UNetDenoiser(nn.Module):
     """denoise(x_t, t) for a diffusers UNet2DModel of any prediction type on a VP schedule."""
 
     def __init__(self, unet: nn.Module, schedule: VPSchedule, prediction_type: str = "epsilon",
-                 clip_x0: bool = False, grad_checkpoint: bool = False):
+                 clip_x0: bool = False, grad_checkpoint: bool | float = False):
         super().__init__()
         if prediction_type not in PREDICTION_TYPES:
             raise InputError(f"unknown prediction_type {prediction_type!r}; known: {', '.join(PREDICTION_TYPES)}")
         self.unet, self.schedule = unet, schedule
         self.prediction_type, self.clip_x0, self.grad_checkpoint = prediction_type, clip_x0, grad_checkpoint
+        self._calls = 0  # UNet calls under autograd: a fractional `grad_checkpoint` recomputes that share of them
 
     def _denoise(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         ab = self.schedule.alpha_bar(t).to(x_t.dtype).view(-1, 1, 1, 1)
@@ -48,7 +51,10 @@ class UNetDenoiser(nn.Module):
 
     def forward(self, x_t: torch.Tensor, t) -> torch.Tensor:
         t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).expand(x_t.shape[0])
-        if self.grad_checkpoint and torch.is_grad_enabled():
-            # recompute the UNet in backward: full gradients through 100 steps fit in memory
-            return checkpoint(self._denoise, x_t, t, use_reentrant=False)
+        f = float(self.grad_checkpoint)
+        if f > 0 and torch.is_grad_enabled():
+            i, self._calls = self._calls, self._calls + 1
+            if math.floor((i + 1) * f) > math.floor(i * f):  # every call at 1.0, every other at 0.5
+                # recompute the UNet in backward: full gradients through 100 steps fit in memory
+                return checkpoint(self._denoise, x_t, t, use_reentrant=False)
         return self._denoise(x_t, t)

@@ -145,8 +145,11 @@ class DiffPure(Purifier):
     def times(self) -> torch.Tensor:
         return torch.linspace(self.t_star, 0.0, self.steps + 1, dtype=torch.float64)
 
-    def set_grad_checkpoint(self, enabled: bool = True) -> "DiffPure":
-        """Recompute each UNet call in backward so that full gradients through every step fit in memory."""
+    def set_grad_checkpoint(self, enabled: bool | float = True) -> "DiffPure":
+        """Recompute each UNet call in backward so that full gradients through every step fit in memory (a float
+        in [0, 1]: that share of the calls, evenly spread; the rest keep their activations)."""
+        if not 0 <= float(enabled) <= 1:
+            raise InputError(f"grad_checkpoint must be a bool or a share in [0, 1], got {enabled!r}")
         self.x0_net.grad_checkpoint = enabled
         return self
 

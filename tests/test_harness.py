@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from core.datasets import load_dataset, to_tensors
+from core.errors import InputError
 from eval import Defended, evaluate
 from eval.attacks import ATTACKS
 from purify import DiffPure, Purifier
@@ -346,12 +347,41 @@ def test_full_gradient_attacks_checkpoint_long_purifiers_only_when_memory_asks_a
     assert plenty["per_example"] == scarce["per_example"]
 
 
-def test_checkpointed_gradient_through_the_purifier_equals_the_plain_one(clf, data):
+def test_checkpointed_gradient_through_the_purifier_equals_the_plain_one(clf, data, monkeypatch):
+    import purify.denoisers as denoisers
+
+    recomputed = []
+    plain_checkpoint = denoisers.checkpoint
+    monkeypatch.setattr(denoisers, "checkpoint", lambda *a, **k: recomputed.append(1) or plain_checkpoint(*a, **k))
     x, y = data[0][:4], data[1][:4]
-    purifier = DiffPure(tiny_unet(1, 16), scheduler_config(), t_star=0.05, steps=3)
-    grads = []
-    for on in (False, True):
+    purifier = DiffPure(tiny_unet(1, 16), scheduler_config(), t_star=0.05, steps=4)
+    grads, calls = [], []
+    for on in (False, True, 0.5):
+        recomputed.clear()
         purifier.set_grad_checkpoint(on).manual_seed(3)
         x_ = x.clone().requires_grad_(True)
         grads.append(torch.autograd.grad(F.cross_entropy(clf(purifier(x_)), y), x_)[0])
+        calls.append(len(recomputed))
+    assert calls == [0, 4, 2]  # none, every UNet call, every other one
     assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
+    assert torch.allclose(grads[0], grads[2], atol=1e-6)
+    with pytest.raises(InputError, match="grad_checkpoint"):
+        purifier.set_grad_checkpoint(1.5)
+
+
+def test_auto_checkpoints_the_share_of_steps_that_memory_asks_for(clf, data, monkeypatch):
+    import eval.harness as harness
+    from eval.memory import graph_bytes
+
+    x, y = data[0][:8], data[1][:8]
+    purifier = DiffPure(tiny_unet(1, 16), scheduler_config(), t_star=0.002, steps=10)
+    need = graph_bytes(purifier, x[:1]) * 8 * 2  # 8 images, two EOT copies
+    shares = []
+    purifier.register_forward_hook(lambda m, i, o: shares.append(float(m.x0_net.grad_checkpoint))
+                                   if torch.is_grad_enabled() and len(i[0]) == 16 else None)
+    monkeypatch.setattr(harness, "available_bytes", lambda x: need)  # half of it fits: half the calls recomputed
+    evaluate(Defended(purifier, clf), x, y, ["pgd-eot"], eps=0.1, eot=2, steps={"pgd-eot": 1}, check_steps=False,
+             progress=None)
+    assert shares and set(shares) == {0.5}
+
+
