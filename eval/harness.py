@@ -210,7 +210,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks=None, *
     settings = {"examples": n, "labels": zlib.crc32(y.cpu().numpy().tobytes()), "norm": norm, "eps": eps,
                 "eot": eot, "queries": b.queries, "batch_size": b.batch_size, "seed": b.seed,
                 "losses": {a: b.losses[a] for a in sorted(b.losses) if a in b.attacks}, "eot_batch": b.eot_batch,
-                "pgd": "best iterate, batched eot",  # how the PGD-EOT family crafts (records of older code differ)
+                "pgd": "best iterate, batched eot, apgd-eot in autoattack-rand",  # how the PGD-EOT family crafts
                 "jobs": [[j.key, j.eps, j.steps, j.n] for j in jobs],
                 "images": tensor_digest(x, y), "model": module_digest(model),
                 "transfer_source": module_digest(transfer_source) if "transfer" in b.attacks else None}

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from core.datasets import load_dataset, to_tensors
+from core.errors import InputError
 from eval import Defended, evaluate
 from eval.attacks import EOTPGD, DiffHammer, build_attack
 
@@ -203,3 +204,42 @@ def test_gradient_probe_flags_near_orthogonal_draws_and_not_an_additive_noise():
     assert f["raised"] and abs(f["cosine"]) < 0.1 and "mean cosine" in f["detail"]
     f = gradient_probe(Defended(Noise(), clf_), x, y, seed=0)
     assert not f["raised"] and f["cosine"] > 0.5 and 0.3 < f["norm_ratio"] < 3
+
+
+class Bowl(nn.Module):
+    """Cross-entropy of class 1 rises as x nears an interior point c: PGD's constant sign steps circle c."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+
+    def forward(self, x):
+        z0 = -((x - self.c) ** 2).flatten(1).sum(1) * 50
+        return torch.stack([z0, torch.zeros_like(z0)], 1)
+
+
+def test_apgd_schedule_halves_its_step_and_settles_where_constant_pgd_keeps_circling():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.full((8, 1, 4, 4), 0.5)
+    c = x + 0.05 * (torch.rand(x.shape, generator=gen) * 2 - 1)  # inside the Linf ball of 0.1
+    y = torch.ones(8, dtype=torch.long)
+    model = Bowl(c)
+    kw = dict(norm="Linf", eps=0.1, steps=150, seed=0, alpha=0.02)
+    apgd = EOTPGD(model, schedule="apgd", **kw)(x, y)
+    const = EOTPGD(model, **kw)(x, y)
+    gap = lambda z: (z - c).abs().amax().item()  # noqa: E731
+    assert gap(apgd) < 0.003 and gap(const) > 0.01  # 7 halvings: 2 eps / 128 against a constant 0.02
+    assert (apgd - x).abs().amax() <= 0.1 + 1e-6
+    with pytest.raises(InputError, match="step-size schedule"):
+        EOTPGD(model, schedule="cosine")
+
+
+def test_autoattack_rand_draws_its_eot_copies_in_one_pass(cnn, batch):
+    x, y = batch[0][:4], batch[1][:4]
+    purifier = Noise()
+    rows = []
+    purifier.register_forward_hook(lambda m, inp, out: rows.append(len(inp[0])))
+    x_adv, source = build_attack("autoattack-rand", Defended(purifier, cnn), "Linf", 0.1, n_classes=10, eot=4,
+                                 steps=3, stochastic=True)(x, y)
+    assert 16 in rows and set(rows) <= {16, 4}  # 4 examples x EOT 4 stacked; the candidates scored one draw a pass
+    assert set(source) <= {"apgd-ce", "apgd-dlr"} and (x_adv - x).abs().amax() <= 0.1 + 1e-6

@@ -18,7 +18,7 @@ from .autoattack import AA_TARGETS, Composed, Strongest, build_autoattack, build
 from .base import NORMS, AttackContext, check_norm, margin_loss
 from .diffhammer import LOSSES as HAMMER_LOSSES
 from .diffhammer import DiffHammer, build_diffhammer
-from .pgd import BPDA, EOTPGD, LOSSES, bpda_target, build_eotpgd, build_pgd, transfer_target
+from .pgd import BPDA, EOTPGD, LOSSES, bpda_target, build_apgd_eot, build_eotpgd, build_pgd, transfer_target
 
 # Linf / L2 budgets on [0, 1] pixels: CIFAR-10 8/255 and 0.5 as in DiffPure; the ImageNet family 4/255
 # (DiffPure; GUARD also reports 1/255: pass eps=0.00392); digits 0.1, where PGD breaks the bare ConvNet.
@@ -101,6 +101,9 @@ for _spec in (
     AttackSpec("pgd-eot", 100, True, build_eotpgd,
                lambda c: f"{c.steps} steps x EOT {c.eot}, full gradient through every purifier step, "
                          f"{c.loss or 'ce'} loss, best iterate", losses=LOSSES),
+    AttackSpec("apgd-eot", 100, True, build_apgd_eot,
+               lambda c: f"{c.steps} steps x EOT {c.eot}, APGD step-size schedule and momentum, full gradient "
+                         f"through every purifier step, {c.loss or 'dlr'} loss, best iterate", losses=LOSSES),
     AttackSpec("bpda-eot", 100, True, build_eotpgd,
                lambda c: f"{c.steps} steps x EOT {c.eot}, identity backward through the purifier, "
                          f"{c.loss or 'ce'} loss, best iterate", needs_purifier=True, target=bpda_target, losses=LOSSES),
@@ -121,7 +124,7 @@ for _spec in (
                          f"Square {c.queries} queries" + (", strongest candidate per example over EOT "
                                                           f"{c.eot}" if c.stochastic else "")),
     AttackSpec("autoattack-rand", 100, True, build_autoattack_rand,
-               lambda c: f"APGD-CE, APGD-DLR {c.steps} steps x EOT {c.eot}" + (
+               lambda c: f"APGD-CE, APGD-DLR {c.steps} steps x EOT {c.eot} (batched)" + (
                    ", strongest candidate per example" if c.stochastic else "")),
     AttackSpec("square", 0, False, build_square, lambda c: f"{c.queries} queries"),
 ):

@@ -3,7 +3,7 @@ per example for a stochastic one, over torchattacks' components."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -167,13 +167,15 @@ def build_autoattack(model, ctx: AttackContext):
 
 
 def build_autoattack_rand(model, ctx: AttackContext):
-    """AutoAttack's version for randomized defenses: APGD-CE and APGD-DLR with EOT over `eot` passes per step."""
-    parts = [(f"apgd-{loss}", torchattacks.APGD(model, norm=ctx.norm, eps=ctx.eps, steps=ctx.steps, loss=loss,
-                                                eot_iter=ctx.eot, seed=ctx.seed)) for loss in ("ce", "dlr")]
+    """AutoAttack's version for randomized defenses: APGD-CE and APGD-DLR with EOT over `eot` passes per step,
+    drawn as one batch (ours, `apgd-eot`: torchattacks' APGD draws its `eot_iter` passes one after another)."""
+    from .pgd import build_apgd_eot
+
+    parts = [(f"apgd-{loss}", build_apgd_eot(model, replace(ctx, loss=None), loss)) for loss in ("ce", "dlr")]
     if not ctx.stochastic:
         return Composed(model, parts)
-    return Strongest(model, [(name, _apgd_best(a)) for name, a in parts], ctx.norm, ctx.eps, draws=ctx.eot,
-                     seed=ctx.seed + 2)
+    return Strongest(model, [(name, lambda x, y, a=a: [a(x, y)]) for name, a in parts], ctx.norm, ctx.eps,
+                     draws=ctx.eot, seed=ctx.seed + 2)
 
 
 def build_square(model, ctx: AttackContext):

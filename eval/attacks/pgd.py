@@ -14,6 +14,7 @@ from ..defended import Defended
 from .base import AttackContext, check_norm, margin_loss
 
 LOSSES = ("ce", "margin", "dlr")
+SCHEDULES = ("constant", "apgd")
 
 
 def dlr_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -36,22 +37,26 @@ class EOTPGD(Attack):
     defense: `eot` purifications), drawn together as one batch of `eot` copies (in chunks of at most
     `eot_batch` copies, to bound memory). Each example returns the iterate of highest EOT-averaged loss seen
     over the run (`best`), not the last one. Loss: cross-entropy, the Carlini-Wagner margin (CW-Linf/L2) or
-    DLR. Step size 2.5 eps / steps, a random start drawn from the attack's own generator."""
+    DLR. Step size 2.5 eps / steps, or APGD's schedule (`schedule="apgd"`, Croce & Hein 2020: step 2 eps,
+    momentum 0.75, halved at checkpoints where the loss stalled, restarting from the best point); a random start
+    drawn from the attack's own generator."""
 
     def __init__(self, model, norm: str = "Linf", eps: float = 8 / 255, steps: int = 100, eot: int = 1,
                  loss: str = "ce", alpha: float | None = None, random_start: bool = True, seed: int = 0,
-                 best: bool = True, eot_batch: int | None = None):
+                 best: bool = True, eot_batch: int | None = None, schedule: str = "constant"):
         super().__init__("EOTPGD", model)
         check_norm(norm)
         if loss not in LOSSES:
             raise InputError(f"unknown loss {loss!r}; known: {', '.join(LOSSES)}")
+        if schedule not in SCHEDULES:
+            raise InputError(f"unknown step-size schedule {schedule!r}; known: {', '.join(SCHEDULES)}")
         if steps < 1 or eot < 1 or (eot_batch is not None and eot_batch < 1):
             raise InputError(f"steps, eot and eot_batch must be at least 1, got steps={steps}, eot={eot}, "
                              f"eot_batch={eot_batch}")
         self.norm, self.eps, self.steps, self.eot, self.loss = norm, eps, steps, eot, loss
         self.alpha = alpha if alpha is not None else 2.5 * eps / steps
         self.random_start, self.seed, self.best = random_start, seed, best
-        self.eot_batch = eot_batch or eot
+        self.eot_batch, self.schedule = eot_batch or eot, schedule
 
     def losses(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-example loss of one forward pass."""
@@ -80,10 +85,11 @@ class EOTPGD(Attack):
             delta = delta * (self.eps / norms).clamp(max=1).view(-1, 1, 1, 1)
         return (x + delta).clamp(0, 1)
 
-    def step(self, g: torch.Tensor) -> torch.Tensor:
+    def step(self, g: torch.Tensor, alpha: float | torch.Tensor | None = None) -> torch.Tensor:
+        alpha = self.alpha if alpha is None else alpha
         if self.norm == "Linf":
-            return self.alpha * g.sign()
-        return self.alpha * g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+            return alpha * g.sign()
+        return alpha * g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
 
     def _start(self, x: torch.Tensor) -> torch.Tensor:
         """A random point of the unit ball (Linf: uniform per pixel; L2: a uniform direction, a uniform radius)."""
@@ -97,6 +103,8 @@ class EOTPGD(Attack):
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         x, y = images.detach().to(self.device), labels.detach().to(self.device)
         x_adv = self.project(x + self.eps * self._start(x), x) if self.random_start else x.clone()
+        if self.schedule == "apgd":
+            return self._apgd(x, y, x_adv)
         best, best_loss = x_adv.clone(), torch.full((len(x),), -float("inf"), device=x.device)
         for _ in range(self.steps):
             g, loss = self.gradient(x_adv, y)
@@ -109,6 +117,34 @@ class EOTPGD(Attack):
         better = loss > best_loss
         best[better] = x_adv[better]
         return best
+
+
+    def _apgd(self, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
+        """APGD's iteration (Croce & Hein, 2020, Algorithm 1) on the EOT gradient; returns each example's best point."""
+        n, shape = self.steps, (-1,) + (1,) * (x.dim() - 1)
+        k, k_min, k_decr = max(int(0.22 * n), 1), max(int(0.06 * n), 1), max(int(0.03 * n), 1)
+        eta = torch.full((len(x),), 2.0 * self.eps, device=x.device)
+        g, loss = self.gradient(x_adv, y)
+        best, best_loss, best_g = x_adv.clone(), loss.clone(), g.clone()
+        losses, prev = [loss], x_adv.clone()
+        last_check_loss, reduced, since = best_loss.clone(), torch.zeros_like(best_loss, dtype=torch.bool), 0
+        for i in range(n):
+            a = 0.75 if i > 0 else 1.0
+            z = self.project(x_adv + self.step(g, eta.view(shape)), x)
+            x_new = self.project(x_adv + a * (z - x_adv) + (1 - a) * (x_adv - prev), x)
+            prev, x_adv = x_adv, x_new.detach()
+            g, loss = self.gradient(x_adv, y)
+            losses.append(loss)
+            better = loss > best_loss
+            best[better], best_loss[better], best_g[better] = x_adv[better], loss[better], g[better]
+            since += 1
+            if since == k:  # a checkpoint: halve the step where fewer than 75% of steps raised the loss or it stalled
+                rises = sum((losses[-j] > losses[-j - 1]).float() for j in range(1, k + 1))
+                halve = (rises <= 0.75 * k) | (~reduced & (last_check_loss >= best_loss))
+                eta[halve] /= 2
+                x_adv[halve], g[halve] = best[halve], best_g[halve]
+                reduced, last_check_loss, since, k = halve, best_loss.clone(), 0, max(k - k_decr, k_min)
+        return best if self.best else x_adv
 
 
 class BPDA(nn.Module):
@@ -129,9 +165,14 @@ def build_pgd(model, ctx: AttackContext):
     return cls(model, eps=ctx.eps, alpha=2.5 * ctx.eps / ctx.steps, steps=ctx.steps, random_start=True)
 
 
-def build_eotpgd(model, ctx: AttackContext, loss: str = "ce"):
+def build_eotpgd(model, ctx: AttackContext, loss: str = "ce", schedule: str = "constant"):
     return EOTPGD(model, ctx.norm, ctx.eps, ctx.steps, eot=ctx.eot, loss=ctx.loss or loss, seed=ctx.seed,
-                  eot_batch=ctx.eot_batch)
+                  eot_batch=ctx.eot_batch, schedule=schedule)
+
+
+def build_apgd_eot(model, ctx: AttackContext, loss: str = "dlr"):
+    """APGD with EOT, batched (the `autoattack-rand` components); DLR needs three classes, else the margin."""
+    return build_eotpgd(model, ctx, loss if ctx.n_classes >= 3 or loss != "dlr" else "margin", schedule="apgd")
 
 
 def bpda_target(model: Defended, transfer_source=None) -> nn.Module:
