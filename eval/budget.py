@@ -25,6 +25,8 @@ class Budget:
     sweep_n: int | None = None  # examples of each sweep point (None: all)
     check_steps: bool = True  # rerun the primary attack at twice its steps (a gradient-masking check)
     check_n: int | None = None  # examples of that rerun (None: all)
+    ladder: list = field(default_factory=list)  # [[steps, eot], ...]: the primary attack at each, a convergence report
+    ladder_attack: str | None = None  # the attack the ladder climbs (None: the primary, pgd-eot or pgd)
     tolerance: float = 0.02  # slack of the gradient-masking flags, before the standard errors
     batch_size: int = 64
     seed: int = 0

@@ -17,6 +17,7 @@ from purify import label_of, load_purifier
 
 from .attacks import ATTACKS, NORMS, check_attack, preset_eps
 from .budget import Budget, with_changes
+from .convergence import check_ladder, ladder_attack, render_ladder, run_ladder
 from .defended import Defended
 from .harness import evaluate
 from .matched import pm, shared_examples, weaker
@@ -59,6 +60,10 @@ def defenses(cfg: EvalConfig) -> list[dict]:
         labels.add(label)
         for a in budget.attacks:
             check_attack(a, cfg.norm)
+        if budget.ladder:
+            check_ladder(budget.ladder)
+            if budget.ladder_attack:
+                check_attack(budget.ladder_attack, cfg.norm)
         out.append({"label": label, "purifier": None if bare else str(d["purifier"]), "budget": budget})
     return out
 
@@ -111,6 +116,10 @@ def run_robustness(cfg: EvalConfig, out: str | Path) -> dict:
             model, x, y, budget=b, norm=cfg.norm, eps=eps, transfer_source=transfer, grad_checkpoint=gc,
             out=out / d["label"], accelerator=acc, progress=f"[{i + 1}/{len(plan)}] {d['label']}")
         r.update(label=d["label"], purifier=d["purifier"], votes=b.votes)
+        attack = ladder_attack(b, purifier is not None)
+        if b.ladder and attack:
+            r["ladder"] = run_ladder(model, x, y, attack, b.ladder, b, out / d["label"] / "ladder", norm=cfg.norm,
+                                     eps=eps, transfer_source=transfer, grad_checkpoint=gc, accelerator=acc)
         if acc.is_main_process:
             atomic_write_json(out / d["label"] / "report.json", r)
             _grid(out / d["label"], x, purifier, b.attacks, b.seed)
@@ -204,6 +213,15 @@ def render(report: dict) -> str:
         lines += [""] + [f"- {'RAISED' if f['raised'] else 'ok' if f['checked'] else 'not checked'} "
                          f"`{f['name']}`: {f['detail']}." + (f" {f['meaning']}" if f["raised"] else "")
                          for f in r["flags"]] + [""]
+    ladders = {k: r["ladder"] for k, r in res.items() if r.get("ladder")}
+    if ladders:
+        lines += ["## Convergence of the attacks", "",
+                  "Each defense's ladder attack alone at growing budgets on its examples; a rung's figure is the "
+                  "worst case over R per example, each change paired (the same examples) with McNemar's one-sided "
+                  "exact p. Converged: the smallest budget whose figure the largest lowers by at most one paired "
+                  "standard error.", ""]
+        for k, lad in ladders.items():
+            lines += render_ladder(k, lad)
     sweeps = {k: r["sweep"] for k, r in res.items() if r["sweep"]}
     if sweeps:
         lines += ["## Robust accuracy against epsilon", "", "![robust accuracy against epsilon](robust_vs_eps.png)",

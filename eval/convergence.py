@@ -1,0 +1,104 @@
+"""Convergence of an attack, as a report: robust accuracy on the same examples at a ladder of budgets (steps x
+EOT), a paired test between consecutive rungs, and the smallest budget that the largest no longer improves on
+beyond one paired standard error (after the convergence checks of Carlini et al., "On Evaluating Adversarial
+Robustness", 2019, and Croce & Hein, 2020)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from core.errors import InputError
+
+from .budget import Budget, with_changes
+from .checks import flips, sign_test
+
+
+def check_ladder(rungs) -> list[tuple[int, int]]:
+    """[[steps, eot], ...] with both at least 1 and the budget growing rung by rung, or an InputError."""
+    try:
+        out = [(int(s), int(e)) for s, e in rungs]
+    except (TypeError, ValueError):
+        raise InputError(f"ladder must be a list of [steps, eot] pairs, got {rungs!r}") from None
+    if len(out) < 2 or any(s < 1 or e < 1 for s, e in out):
+        raise InputError(f"ladder needs at least two rungs of [steps >= 1, eot >= 1], got {rungs!r}")
+    if any(s2 * e2 <= s1 * e1 or s2 < s1 or e2 < e1 for (s1, e1), (s2, e2) in zip(out, out[1:])):
+        raise InputError(f"every rung of the ladder must spend more than the one before (steps and eot never "
+                         f"fewer), got {rungs!r}")
+    return out
+
+
+def paired_change(before: list, after: list) -> dict:
+    """`after` against `before` on the same examples: the change of accuracy, its paired standard error (of the
+    mean per-example difference), the flips each way and McNemar's one-sided exact p that `after` is lower."""
+    n = len(before)
+    d = [int(bool(b)) - int(bool(a)) for a, b in zip(before, after)]
+    mean = sum(d) / n
+    se = math.sqrt(sum((v - mean) ** 2 for v in d) / max(n - 1, 1) / n)
+    broken, recovered = flips(before, after)
+    return {"change": mean, "se": se, "broken": broken, "recovered": recovered, "p": sign_test(broken, recovered)}
+
+
+def verdict(rows: list[dict]) -> dict:
+    """The smallest rung whose figure the largest rung lowers by at most one paired standard error (None when
+    none does: the largest budget still helped, so even its figure is an upper bound that more effort may lower)."""
+    last = rows[-1]
+    for row in rows[:-1]:
+        c = paired_change(row["correct"], last["correct"])
+        if -c["change"] <= c["se"] + 1e-12:  # one flip alone is exactly one standard error
+            return {"converged": f"{row['steps']}x{row['eot']}", "against_largest": c}
+    return {"converged": None, "against_largest": paired_change(rows[-2]["correct"], last["correct"])}
+
+
+def run_ladder(model, x, y, attack: str, rungs, budget: Budget, out: str | Path | None = None, **kw) -> dict:
+    """`attack` alone at each (steps, eot) of `rungs` on the same examples (`eval.evaluate` with `budget`'s R,
+    seed and losses; sweep and doubled-steps check off). A row's figure is the worst case over R per example."""
+    from .harness import evaluate
+
+    rungs = check_ladder(rungs)
+    rows = []
+    for steps, eot in rungs:
+        b = with_changes(budget, {"attacks": [attack], "steps": {**budget.steps, attack: steps}, "eot": eot,
+                                  "sweep_eps": [], "check_steps": False})
+        r = evaluate(model, x, y, budget=b, out=None if out is None else Path(out) / f"{steps}x{eot}",
+                     **{"progress": None, **kw})
+        s = r["attacks"][attack]
+        rows.append({"steps": steps, "eot": eot, "average": s["average"], "worst": s["worst"],
+                     "worst_se": s["worst_se"], "seconds": r["seconds"][attack],
+                     "correct": [all(v) for v in r["per_example"][attack]]})
+    for prev, row in zip(rows, rows[1:]):
+        row["vs_previous"] = paired_change(prev["correct"], row["correct"])
+    return {"attack": attack, "examples": len(y), "evals": r["evals"], "rungs": rows, **verdict(rows)}
+
+
+def ladder_attack(budget: Budget, stochastic: bool) -> str | None:
+    """The attack a budget's ladder climbs: `ladder_attack`, else the defense's primary attack (the harness's)."""
+    if budget.ladder_attack:
+        return budget.ladder_attack
+    order = ("pgd-eot", "pgd") if stochastic else ("pgd", "pgd-eot")
+    return next((a for a in order if a in budget.attacks), None)
+
+
+def render_ladder(label: str, lad: dict) -> list[str]:
+    """Markdown lines: one table of the rungs and the verdict."""
+    v = lad["converged"]
+    lines = [f"### {label}: {lad['attack']}, {lad['examples']} examples, R = {lad['evals']}", "",
+             "| steps x EOT | average | worst ± se | change vs previous rung (paired ± se) | broken / recovered | p | "
+             "seconds |",
+             "|---|---|---|---|---|---|---|"]
+    for row in lad["rungs"]:
+        c = row.get("vs_previous")
+        ch = "-" if c is None else f"{100 * c['change']:+.1f} ± {100 * c['se']:.1f}"
+        fl = "-" if c is None else f"{c['broken']} / {c['recovered']}"
+        p = "-" if c is None else f"{c['p']:.3f}"
+        lines.append(f"| {row['steps']} x {row['eot']} | {100 * row['average']:.1f} | {100 * row['worst']:.1f} ± "
+                     f"{100 * row['worst_se']:.1f} | {ch} | {fl} | {p} | {row['seconds']:.0f} |")
+    c = lad["against_largest"]
+    big = lad["rungs"][-1]
+    lines += ["", (f"Converged at **{v}**: the largest budget ({big['steps']} x {big['eot']}) changes its worst-case "
+                   f"figure by {100 * c['change']:+.1f} ± {100 * c['se']:.1f} points (paired), within one standard error."
+                   if v else
+                   f"**Not converged**: the largest budget ({big['steps']} x {big['eot']}) still lowers the rung "
+                   f"below it by {100 * -c['change']:.1f} ± {100 * c['se']:.1f} points (paired, p = {c['p']:.3f}); "
+                   "every figure here is an upper bound that more effort may lower."), ""]
+    return lines

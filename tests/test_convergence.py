@@ -1,0 +1,70 @@
+"""The convergence ladder: paired changes, the verdict, the ladder against direct evaluations, the report."""
+
+import json
+
+import pytest
+
+from core.errors import InputError
+from eval import Budget, Defended, evaluate
+from eval.convergence import check_ladder, paired_change, run_ladder, verdict
+
+from .test_attacks import batch, cnn  # noqa: F401 -- fixtures
+from .test_harness import Noise, _config, folders  # noqa: F401 -- the fixture
+
+
+def test_paired_change_is_the_mean_difference_with_its_paired_standard_error():
+    before = [1, 1, 1, 1, 0, 0, 1, 1]
+    after = [0, 1, 0, 1, 0, 1, 1, 1]
+    c = paired_change(before, after)
+    d = [-1, 0, -1, 0, 0, 1, 0, 0]  # by hand
+    mean = sum(d) / 8
+    se = (sum((v - mean) ** 2 for v in d) / 7 / 8) ** 0.5
+    assert c["change"] == pytest.approx(mean) and c["se"] == pytest.approx(se)
+    assert (c["broken"], c["recovered"]) == (2, 1) and c["p"] == pytest.approx(0.5)  # P(>= 2 of 3 fair flips)
+
+
+def _rows(*figures):
+    return [{"steps": 10 * (i + 1), "eot": 1, "correct": c} for i, c in enumerate(figures)]
+
+
+def test_verdict_names_the_smallest_rung_the_largest_does_not_lower_beyond_one_standard_error():
+    n = 40
+    low = [1] * 20 + [0] * 20
+    assert verdict(_rows([1] * n, low, low))["converged"] == "20x1"  # 10 steps: 50 points above; 20: equal
+    assert verdict(_rows([1] * n, [1] * 30 + [0] * 10, low))["converged"] is None  # the largest still helps
+    one = verdict(_rows([1] * n, low[:-1] + [1], low))  # one example apart: within a standard error
+    assert one["converged"] == "20x1" and one["against_largest"]["broken"] == 1
+
+
+@pytest.mark.parametrize("rungs", [[[10, 2]], [[10, 2], [5, 2]], [[10, 2], [20, 1]], [[10, 0], [20, 2]], "10x2"])
+def test_a_ladder_that_does_not_grow_is_refused(rungs):
+    with pytest.raises(InputError, match="ladder"):
+        check_ladder(rungs)
+
+
+def test_each_rung_is_the_harness_at_that_budget_on_the_same_examples(cnn, batch):
+    x, y = batch[0][:8], batch[1][:8]
+    model = Defended(Noise(), cnn)
+    b = Budget(attacks=["pgd-eot"], evals=2, check_steps=False, batch_size=8)
+    lad = run_ladder(model, x, y, "pgd-eot", [[1, 1], [3, 2]], b, eps=0.1)
+    direct = evaluate(model, x, y, budget=b, steps={"pgd-eot": 3}, eot=2, eps=0.1, progress=None)
+    top = lad["rungs"][1]
+    assert top["worst"] == direct["attacks"]["pgd-eot"]["worst"]
+    assert top["correct"] == [all(v) for v in direct["per_example"]["pgd-eot"]]
+    assert top["vs_previous"]["change"] == pytest.approx(top["worst"] - lad["rungs"][0]["worst"])
+    assert lad["examples"] == 8 and lad["evals"] == 2
+
+
+def test_robustness_report_carries_each_defenses_ladder(folders, tmp_path):  # noqa: F811
+    from eval.__main__ import main
+
+    root, clf_dir = folders
+    cfg = _config(root, clf_dir, budget={"ladder": [[1, 1], [2, 1], [4, 1]], "sweep_eps": []})
+    main(["robustness", "--config", str(cfg), "--out", str(tmp_path / "rob")])
+    report = json.loads((tmp_path / "rob" / "report.json").read_text())
+    cm = report["defenses"]["cm"]["ladder"]
+    assert cm["attack"] == "pgd-eot" and [r["steps"] for r in cm["rungs"]] == [1, 2, 4]
+    assert report["defenses"]["undefended"]["ladder"]["attack"] == "pgd"
+    md = (tmp_path / "rob" / "report.md").read_text()
+    assert "## Convergence of the attacks" in md and "| 4 x 1 |" in md
+    assert ("Converged at" in md) or ("Not converged" in md)
