@@ -19,6 +19,7 @@ from .attacks import ATTACKS, NORMS, check_attack, preset_eps
 from .budget import Budget, with_changes
 from .convergence import check_ladder, ladder_attack, render_ladder, run_ladder
 from .defended import Defended
+from .escalate import above_references, escalate, render_escalation
 from .harness import evaluate
 from .matched import pm, shared_examples, weaker
 
@@ -39,6 +40,9 @@ class EvalConfig:
         attacks=["pgd", "autoattack", "pgd-eot", "bpda-eot"], n=256, evals=3, sweep_n=64, check_n=64))
     transfer_from: str | None = None  # purifier folder the transfer attack crafts on
     grad_checkpoint: str = "auto"  # auto: on for purifiers with more than 8 steps; "true" / "false"
+    # labels of reference rows (the teacher, plain distillation): a defense above one is attacked again by
+    # transfer from each reference and by Square (eval/escalate.py); crafting on a 100-step teacher costs its attack
+    escalate: list = field(default_factory=list)
 
 
 def defenses(cfg: EvalConfig) -> list[dict]:
@@ -86,6 +90,10 @@ def check(cfg: EvalConfig) -> list[dict]:
         raise FileNotFoundError(f"classifier folder {cfg.classifier} does not exist (train one with "
                                 "`python -m robust_data squeeze` or `python -m eval quickstart`)")
     plan = defenses(cfg)
+    purified = {d["label"] for d in plan if d["purifier"]}
+    if set(cfg.escalate) - purified:
+        raise InputError(f"escalate names {', '.join(sorted(set(cfg.escalate) - purified))}, not a purified defense "
+                         f"of this config; purified defenses: {', '.join(sorted(purified)) or 'none'}")
     if any(a == "transfer" for d in plan for a in d["budget"].attacks) and not cfg.transfer_from:
         raise InputError("the transfer attack needs transfer_from: the purifier folder to craft the examples on")
     return plan
@@ -123,6 +131,8 @@ def run_robustness(cfg: EvalConfig, out: str | Path) -> dict:
         if acc.is_main_process:
             atomic_write_json(out / d["label"] / "report.json", r)
             _grid(out / d["label"], x, purifier, b.attacks, b.seed)
+    if cfg.escalate:
+        _escalate(cfg, plan, results, classifier, test, eps, gc, acc, out)
     report = {"dataset": cfg.dataset, "classifier": cfg.classifier, "config": to_dict(cfg), "defenses": results,
               "matched": matched(results, len(test))}
     if acc.is_main_process:
@@ -130,6 +140,24 @@ def run_robustness(cfg: EvalConfig, out: str | Path) -> dict:
         atomic_write_text(out / "report.md", render(report))
         _plots(out, results)
     return report
+
+
+def _escalate(cfg, plan, results, classifier, test, eps, gc, acc, out: Path) -> None:
+    """Rows above a reference (cfg.escalate), attacked again by transfer from each reference and by Square."""
+    by_label = {d["label"]: d for d in plan}
+    for label, refs in above_references(results, cfg.escalate, len(test)).items():
+        d, b = by_label[label], by_label[label]["budget"]
+        x, y = to_tensors(test, b.n, seed=b.seed)
+        model = Defended(load_purifier(d["purifier"]), classifier, b.votes)
+        sources = {ref: Defended(load_purifier(by_label[ref]["purifier"]), classifier) for ref in refs}
+        e = escalate(model, x, y, b, sources, results[label], out / label / "escalation", b.tolerance,
+                     norm=cfg.norm, eps=eps, grad_checkpoint=gc, accelerator=acc)
+        r = results[label]
+        r["escalation"] = {**e, "above": refs}
+        r["flags"] = r["flags"] + [e["flag"]]
+        r["raised"] = [f["name"] for f in r["flags"] if f["raised"]]
+        if acc.is_main_process:
+            atomic_write_json(out / label / "report.json", r)
 
 
 def matched(results: dict, total: int) -> dict:
@@ -186,7 +214,9 @@ def render(report: dict) -> str:
         for a in attacks:
             s = r["attacks"].get(a)
             cells.append(_aw(s) if s else "skipped" if a in r["skipped"] else "-")
-        cells.append(_pct(r["worst_over_attacks"]))
+        e = r.get("escalation")
+        cells.append(_pct(r["worst_over_attacks"]) if not e else
+                     f"{_pct(r['worst_over_attacks'])} -> {_pct(e['worst_over_attacks'])} (escalated)")
         lines.append("| " + " | ".join(cells) + " |")
     if m["weaker"]:
         lines += ["", "\\* attacked more weakly than the others: " +
@@ -213,6 +243,7 @@ def render(report: dict) -> str:
         lines += [""] + [f"- {'RAISED' if f['raised'] else 'ok' if f['checked'] else 'not checked'} "
                          f"`{f['name']}`: {f['detail']}." + (f" {f['meaning']}" if f["raised"] else "")
                          for f in r["flags"]] + [""]
+    lines += render_escalation(res)
     ladders = {k: r["ladder"] for k, r in res.items() if r.get("ladder")}
     if ladders:
         lines += ["## Convergence of the attacks", "",

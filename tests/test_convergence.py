@@ -68,3 +68,45 @@ def test_robustness_report_carries_each_defenses_ladder(folders, tmp_path):  # n
     md = (tmp_path / "rob" / "report.md").read_text()
     assert "## Convergence of the attacks" in md and "| 4 x 1 |" in md
     assert ("Converged at" in md) or ("Not converged" in md)
+
+
+def _result(worst_all: list, seed=0):
+    n = len(worst_all)
+    return {"stochastic": True, "seed": seed, "examples": n, "attacks": {"pgd-eot": {}},
+            "worst_over_attacks": sum(worst_all) / n,
+            "per_example": {"label": [0] * n, "clean": [[True, True]] * n, "pgd-eot": [[v, v] for v in worst_all]}}
+
+
+def test_rows_above_a_reference_on_the_examples_both_saw_are_the_ones_escalated():
+    from eval.escalate import above_references
+
+    results = {"teacher": _result([True] * 4 + [False] * 4), "student": _result([True] * 6 + [False] * 2),
+               "weak": _result([True] * 2 + [False] * 6)}
+    assert above_references(results, ["teacher"], 8) == {"student": ["teacher"]}
+    assert above_references(results, ["teacher", "weak"], 8) == {"student": ["teacher", "weak"]}
+    other_seed = {"student": results["student"], "strong": _result([True] * 7 + [False], seed=1)}
+    assert above_references(other_seed, ["strong"], 8) == {}  # another seed: whole rows, 75 below 87.5
+
+
+def test_escalation_attacks_again_by_transfer_and_square_and_keeps_the_worst_case(cnn, batch):  # noqa: F811
+    from eval.escalate import escalate
+
+    x, y = batch[0][:8], batch[1][:8]
+    model = Defended(Noise(), cnn)
+    b = Budget(attacks=["pgd-eot"], evals=2, eot=2, steps={"pgd-eot": 2, "transfer": 2}, queries=20,
+               check_steps=False, batch_size=8)
+    base = evaluate(model, x, y, budget=b, eps=0.1, progress=None)
+    e = escalate(model, x, y, b, {"plain": Defended(Noise(), cnn)}, base, None, 0.02, eps=0.1)
+    assert set(e["attacks"]) == {"transfer from plain", "square"}
+    before = [all(all(v) for v in (c, a)) for c, a in zip(base["per_example"]["clean"], base["per_example"]["pgd-eot"])]
+    assert e["before"] == sum(before) / 8 and e["worst_over_attacks"] <= e["before"]
+    assert e["flag"]["name"] == "approximation-beats-full-gradient" and "transfer from plain" in e["flag"]["detail"]
+
+
+def test_escalate_must_name_a_purified_defense(folders, tmp_path):  # noqa: F811
+    from eval.__main__ import main
+
+    root, clf_dir = folders
+    with pytest.raises(SystemExit, match="escalate names undefended"):
+        main(["robustness", "--config", str(_config(root, clf_dir, escalate=["undefended"])), "--out",
+              str(tmp_path / "x")])

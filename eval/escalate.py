@@ -1,0 +1,98 @@
+"""Escalation: a defense reported above a reference row (its teacher, plain distillation) is attacked again, by
+transfer from each reference and by Square, before its figure is believed (Tramer et al., "On Adaptive Attacks
+to Adversarial Example Defenses", 2020: a defense that beats its own baseline is the one to attack hardest)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .budget import Budget, with_changes
+from .checks import flag, flips, sign_test
+from .matched import on_examples, subset_positions
+
+
+def _worst_all(result: dict, positions: list[int] | None = None) -> list[bool]:
+    """Per example: correct clean and under every attack in every evaluation."""
+    pe = result["per_example"]
+    keys = ["clean", *result["attacks"]]
+    idx = range(len(pe["label"])) if positions is None else positions
+    return [all(all(pe[k][i]) for k in keys) for i in idx]
+
+
+def above_references(results: dict, references: list[str], total: int) -> dict[str, list[str]]:
+    """label -> the references whose all-attacks figure it exceeds, on the examples both saw (one seed: the
+    smaller draw is a subset of the larger)."""
+    out = {}
+    for label, r in results.items():
+        if label in references or not r.get("stochastic"):
+            continue
+        for ref in references:
+            q = results[ref]
+            if q["seed"] != r["seed"]:  # different draws of examples: only the whole rows compare
+                if r["worst_over_attacks"] > q["worst_over_attacks"]:
+                    out.setdefault(label, []).append(ref)
+                continue
+            small, big = sorted((r, q), key=lambda s: s["examples"])
+            pos = subset_positions(total, small["examples"], big["examples"], r["seed"])
+            mine = on_examples(r, pos if r is big else list(range(r["examples"])))["all attacks"]["worst"]
+            theirs = on_examples(q, pos if q is big else list(range(q["examples"])))["all attacks"]["worst"]
+            if mine > theirs:
+                out.setdefault(label, []).append(ref)
+    return out
+
+
+def escalate(model, x, y, budget: Budget, sources: dict, base: dict, out: str | Path | None, tolerance: float,
+             **kw) -> dict:
+    """Transfer from each of `sources` (name -> defended model to craft on) and Square on `model`; the row's
+    all-attacks figure again as the worst case over its own attacks and these, and two paired flags: transfer or
+    Square broke, beyond chance, examples the full-gradient attacks left."""
+    from .harness import accuracy_stats, evaluate
+
+    quiet = {"sweep_eps": [], "check_steps": False}
+    runs = {}
+    for name, src in sources.items():
+        runs[f"transfer from {name}"] = evaluate(
+            model, x, y, budget=with_changes(budget, {**quiet, "attacks": ["transfer"]}), transfer_source=src,
+            out=None if out is None else Path(out) / f"transfer-{name}", **{"progress": None, **kw})
+    runs["square"] = evaluate(model, x, y, budget=with_changes(budget, {**quiet, "attacks": ["square"]}),
+                              out=None if out is None else Path(out) / "square", **{"progress": None, **kw})
+    before = _worst_all(base)
+    attacks, worst = {}, torch.tensor(before)
+    paired = []
+    for name, r in runs.items():
+        a = "transfer" if name.startswith("transfer") else "square"
+        m = torch.tensor(r["per_example"][a]).T.bool()  # R x n
+        attacks[name] = accuracy_stats(m)
+        w = m.all(0)
+        worst &= w
+        broken, recovered = flips(before, w.tolist())
+        p = sign_test(broken, recovered)
+        paired.append((name, broken, recovered, p, attacks[name]["worst"]))
+    raised = any(p <= 0.05 and b - c > tolerance * len(before) for _, b, c, p, _ in paired)
+    detail = "; ".join(f"{name} {100 * acc:.1f}% worst ({b} examples broken that every earlier attack left, {c} the "
+                       f"other way; p = {p:.3f})" for name, b, c, p, acc in paired)
+    return {"attacks": attacks, "before": sum(before) / len(before),
+            "worst_over_attacks": worst.float().mean().item(),
+            "flag": flag("approximation-beats-full-gradient", raised, "escalation: " + detail)}
+
+
+def render_escalation(results: dict) -> list[str]:
+    """Markdown lines for the rows that were escalated."""
+    rows = {k: r["escalation"] for k, r in results.items() if r.get("escalation")}
+    if not rows:
+        return []
+    lines = ["## Escalation: rows above a reference, attacked again", "",
+             "Each defense whose all-attacks figure exceeded a reference row's (on the examples both saw) was "
+             "attacked again by transfer from every reference (PGD-EOT crafted on it, scored here) and by Square; "
+             "worst case over R per example.", "",
+             "| defense | above | all attacks before | " + "escalation attacks (worst ± se) | all attacks after |",
+             "|---|---|---|---|---|"]
+    for label, e in rows.items():
+        parts = ", ".join(f"{n} {100 * s['worst']:.1f} ± {100 * s['worst_se']:.1f}" for n, s in e["attacks"].items())
+        lines.append(f"| {label} | {', '.join(e['above'])} | {100 * e['before']:.1f} | {parts} | "
+                     f"{100 * e['worst_over_attacks']:.1f} |")
+    lines += [""] + [f"- {label}: {'RAISED' if e['flag']['raised'] else 'ok'} `{e['flag']['name']}`: "
+                     f"{e['flag']['detail']}." for label, e in rows.items()] + [""]
+    return lines
