@@ -11,6 +11,7 @@ from .config import ConfigError, from_dict
 from .errors import InputError
 from .io import atomic_dir, atomic_save_tensors, atomic_write_json, load_tensors, read_json, refuse_pickle
 from .models import ClassifierConfig, build_classifier
+from .zoo import is_named, load_named
 
 WEIGHTS = "model.safetensors"
 
@@ -33,7 +34,10 @@ def classifier_meta(folder: str | Path) -> dict:
 
 
 def load_classifier(folder: str | Path, device="cpu") -> nn.Module:
-    """Rebuild a classifier written by `save_classifier`, in eval mode."""
+    """Rebuild a classifier written by `save_classifier`, in eval mode; or one by name from a library
+    (`torchvision:resnet18`, `timm:NAME`, `robustbench:cifar10/Linf/Standard`: see core/zoo.py)."""
+    if is_named(folder):
+        return load_named(folder, device)
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"classifier folder {folder} does not exist")

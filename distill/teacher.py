@@ -15,6 +15,7 @@ from core.errors import InputError
 from core.io import atomic_write_json
 from core.runs import open_run
 from core.training import LoopConfig, ema_update, fit, make_ema, make_optimizer
+from core.zoo import is_named
 from purify import DiffPure, VPSchedule
 from purify.denoisers import PREDICTION_TYPES
 from purify.schedule import VARIANCE_TYPES
@@ -75,7 +76,7 @@ class TeacherConfig(LoopConfig):
 def validate(cfg: TeacherConfig) -> None:
     if cfg.curve_every and not cfg.curve_classifier:
         raise InputError("curve_every needs curve_classifier: the classifier folder the curve purifies for")
-    if cfg.curve_classifier and not Path(cfg.curve_classifier).is_dir():
+    if cfg.curve_classifier and not is_named(cfg.curve_classifier) and not Path(cfg.curve_classifier).is_dir():
         raise FileNotFoundError(f"curve_classifier {cfg.curve_classifier} is not a folder")
     if not 0 < cfg.t_max <= 1:
         raise InputError(f"t_max must be in (0, 1], got {cfg.t_max}")

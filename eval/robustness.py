@@ -13,6 +13,7 @@ from core.datasets import load_dataset, to_tensors
 from core.errors import InputError
 from core.io import atomic_write_json, atomic_write_text, load_tensors, read_json
 from core.runs import make_accelerator, same_config_or_fail
+from core.zoo import is_named
 from purify import label_of, load_purifier
 
 from .attacks import ATTACKS, NORMS, check_attack, preset_eps
@@ -86,7 +87,7 @@ def check(cfg: EvalConfig) -> list[dict]:
         raise InputError(f"steps for unknown attack(s) {sorted(set(cfg.budget.steps) - set(ATTACKS))}")
     if cfg.grad_checkpoint not in ("auto", "true", "false"):
         raise InputError(f"grad_checkpoint must be auto, true or false, got {cfg.grad_checkpoint!r}")
-    if not Path(cfg.classifier).is_dir():
+    if not is_named(cfg.classifier) and not Path(cfg.classifier).is_dir():
         raise FileNotFoundError(f"classifier folder {cfg.classifier} does not exist (train one with "
                                 "`python -m robust_data squeeze` or `python -m eval quickstart`)")
     plan = defenses(cfg)

@@ -42,7 +42,7 @@ def test_a_ladder_that_does_not_grow_is_refused(rungs):
         check_ladder(rungs)
 
 
-def test_each_rung_is_the_harness_at_that_budget_on_the_same_examples(cnn, batch):
+def test_each_rung_is_the_harness_at_that_budget_on_the_same_examples(cnn, batch):  # noqa: F811
     x, y = batch[0][:8], batch[1][:8]
     model = Defended(Noise(), cnn)
     b = Budget(attacks=["pgd-eot"], evals=2, check_steps=False, batch_size=8)

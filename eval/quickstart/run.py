@@ -12,6 +12,7 @@ from core.config import replace, save_config, to_dict
 from core.errors import InputError
 from core.io import atomic_write_json, atomic_write_text, read_json
 from core.runs import process_state, run_stage, same_inputs_or_fail, same_or_fail
+from core.zoo import is_named
 from distill.consistency import train_consistency
 from distill.progressive import rounds, train_progressive
 from distill.teacher import train_teacher
@@ -121,7 +122,7 @@ def quickstart(out: str | Path = "runs/quickstart", fast: bool = False, cfg: Qui
 
     print("stage 1/6: the standard classifier and the DiffPure teacher")
     if cfg.classifier_from:
-        clf = Path(cfg.classifier_from)
+        clf = cfg.classifier_from if is_named(cfg.classifier_from) else Path(cfg.classifier_from)
         load_classifier(clf)  # a wrong folder fails here, with the reason
     else:
         clf = timed("classifier", lambda: run_stage(out / "classifier", stages["classifier"], train_squeeze,
