@@ -1,6 +1,7 @@
 """The main job end to end on a tiny budget: every stage makes what the next one uses, the report, reuse."""
 
 import json
+import re
 
 import pytest
 
@@ -91,6 +92,9 @@ def test_fast_quickstart_runs_every_stage_and_reuses_them(tmp_path, capsys):
     text = (out / "report.md").read_text()
     assert "| guard | consistency-4 |" in text and "Pareto front" in text
     assert "| guard | teacher * |" in text and "same 4 examples" in text
+    # whether the budget converged: the doubled-steps reruns, read paired, one line per checked row
+    assert "Did this budget converge?" in text
+    assert re.search(r"- standard / consistency-1: pgd-eot .* \(\d+ examples, \d+ broken only by the doubled run", text)
 
     # certificates: DDS and the 1-step students behind the standard classifier, Gaussian noise bare and before a
     # classifier trained with that noise, all at the teacher's sigma, on the same images

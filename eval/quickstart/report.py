@@ -27,6 +27,30 @@ def ms_per_image(latency: dict, defense: str, classifier: str, batch: int) -> fl
         r for r in rows if r["purifier"] == defense and r["batch_size"] == batch)["ms_per_image"]
     return pur + clf["ms_per_image"]
 
+def _convergence(rows: list[dict]) -> list[str]:
+    """Did the budget converge? The rows' doubled-steps reruns, paired on the same examples."""
+    from ..convergence import paired_change
+
+    checked = [row for row in rows if row.get("doubled_steps")]
+    if not checked:
+        return []
+    lines = ["", "Did this budget converge? Each row below was attacked again with its primary attack at twice the "
+             "steps on the same examples (paired; McNemar's exact p that doubling lowers it). A change beyond one "
+             "paired standard error means the budget had not converged and the row's figures are upper bounds "
+             "(`configs/digits/converged/` climbs a ladder of budgets to where they stop moving):", ""]
+    for row in checked:
+        d = row["doubled_steps"]
+        n, b, c = d["examples"], d["broken"], d["recovered"]
+        same = [True] * (n - b - c)  # only the flips matter to a paired reading
+        pc = paired_change([True] * b + [False] * c + same, [False] * b + [True] * c + same)
+        moved = -pc["change"] > pc["se"] + 1e-12
+        lines.append(f"- {row['classifier']} / {row['defense']}: {d['attack']} {100 * d['base']:.1f}% at {d['steps']} "
+                     f"steps, {100 * d['doubled']:.1f}% at {2 * d['steps']} ({n} examples, {b} broken only by the "
+                     f"doubled run, {c} the other way, p = {pc['p']:.3f}): " +
+                     ("**not converged**" if moved else "converged within one paired standard error"))
+    return lines
+
+
 def build_report(cfg: QuickstartConfig, out: Path, fast: bool, classifiers: dict, purifiers: dict, evals: dict,
                  latency: dict, pipelines: dict) -> dict:
     """One JSON document: what each stage made, every (classifier, defense) row, latency, the Pareto fronts."""
@@ -38,7 +62,7 @@ def build_report(cfg: QuickstartConfig, out: Path, fast: bool, classifiers: dict
                          "examples": r["examples"], "clean": _avg_worst(r["clean"]),
                          "attacks": {a: _avg_worst(s) for a, s in r["attacks"].items()},
                          "all_attacks": r["worst_over_attacks"], "budgets": r["budgets"], "skipped": r["skipped"],
-                         "raised": r["raised"], "sweep": r["sweep"],
+                         "raised": r["raised"], "sweep": r["sweep"], "doubled_steps": r.get("doubled_steps"),
                          "weaker": rep.get("matched", {}).get("weaker", {}).get(label, []),
                          "ms_per_image": ms_per_image(latency, label, clf, batch)})
     fronts = {}
@@ -166,6 +190,7 @@ def render(r: dict) -> str:
     for key, who in budgets.items():
         defenses = sorted({w.split("/", 1)[1] for w in who})
         lines.append(f"- {', '.join(defenses)}: {key}")
+    lines += _convergence(rows)
     teacher_nfe = next((row["nfe"] for row in rows if row["defense"] == "teacher"), "DiffPure")
     lines += ["", "`pgd` on a purified classifier follows the full gradient of one purification per step; `pgd-eot` "
               "averages it over EOT purifications; `bpda-eot` replaces the purifier's backward pass by the identity. "
