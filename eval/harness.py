@@ -8,7 +8,6 @@ gathered on the main one, and appended to `examples.jsonl`, from which an interr
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 import zlib
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from .attacks import ATTACKS, AttackContext, build_attack, check_attack, check_l
 from .budget import Budget, with_changes
 from .checks import APPROXIMATIONS, accuracy_checks, flag, flips, gradient_probe, seed_checks
 from .defended import Defended
-from .memory import available_bytes, graph_bytes
+from .memory import checkpoint_share
 
 
 @dataclass(frozen=True)
@@ -123,9 +122,7 @@ class _Runner:
             if self.grad_checkpoint is True:
                 share = 1.0
             elif self.grad_checkpoint == "auto" and getattr(p, "nfe", 0) > 8:
-                need = graph_bytes(p, self.x[:1]) * rows
-                share = min(1.0, max(0.0, 1 - available_bytes(self.x) / 2 / need))
-                share = math.ceil(share * 20) / 20  # in steps of 5%: a tidy pattern, a little margin
+                share = checkpoint_share(p, self.x[:1], rows)
         if share:
             p.set_grad_checkpoint(share)
         try:

@@ -19,6 +19,7 @@ from core.io import atomic_write_json, atomic_write_text
 from purify import load_purifier
 
 from .defended import Defended
+from .memory import checkpoint_share
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -64,9 +65,9 @@ def time_module(module, x: torch.Tensor, warmup: int = 2, repeats: int = 10, aut
 
 
 def time_gradient(model, x: torch.Tensor, eot: int, warmup: int = 1, repeats: int = 3,
-                  checkpoint: bool = False) -> dict:
+                  checkpoint: bool | float = False) -> dict:
     """Median and p90 seconds of one PGD-EOT gradient (`eot` purifications, batched, full gradient through the
-    purifier; checkpointed when `checkpoint`), what each attack step costs."""
+    purifier; that share of its UNet calls checkpointed), what each attack step costs."""
     from .attacks import EOTPGD
 
     y = torch.zeros(len(x), dtype=torch.long, device=x.device)
@@ -76,7 +77,7 @@ def time_gradient(model, x: torch.Tensor, eot: int, warmup: int = 1, repeats: in
     for q in trainable:  # as the harness attacks: no parameter gradients (restored after)
         q.requires_grad_(False)
     if checkpoint:
-        p.set_grad_checkpoint(True)
+        p.set_grad_checkpoint(checkpoint)
     try:
         for _ in range(warmup):
             attack.gradient(x, y)
@@ -108,7 +109,7 @@ def benchmark(purifiers: dict, classifier=None, batch_sizes=(1, 64), warmup: int
               compile: bool = False, seed: int = 0, onnx=(), gradient_eot: int = 0) -> list[dict]:
     """One row per (variant, purifier, batch size, alone / with classifier); speed-up against the first purifier.
     `gradient_eot` > 0 (needs a classifier): also one PGD-EOT gradient at that EOT per purifier and batch size
-    (variant `gradient-eot<k>`; purifiers of more than 8 steps checkpointed, as the harness does)."""
+    (variant `gradient-eot<k>`; a purifier of more than 8 steps checkpointed as the harness's "auto" would)."""
     if gradient_eot < 0:
         raise InputError(f"gradient_eot must be >= 0 (0: do not time the attack gradient), got {gradient_eot}")
     if gradient_eot and classifier is None:
@@ -138,7 +139,8 @@ def benchmark(purifiers: dict, classifier=None, batch_sizes=(1, 64), warmup: int
         for b in batch_sizes:
             x = torch.rand(b, pur.channels, *pur.image_size, generator=torch.Generator().manual_seed(seed)).to(device)
             r = time_gradient(Defended(pur, classifier.to(device)), x, gradient_eot,
-                              min(warmup, 1), max(1, min(repeats, 3)), checkpoint=pur.nfe > 8)
+                              min(warmup, 1), max(1, min(repeats, 3)),
+                              checkpoint=checkpoint_share(pur, x[:1], b * gradient_eot) if pur.nfe > 8 else 0.0)
             rows.append(_row(f"gradient-eot{gradient_eot}", device, label, True, b, pur.nfe, r,
                              torch.get_num_threads()))
     rows += _onnx_rows(onnx, batch_sizes, warmup, repeats, seed)

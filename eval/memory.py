@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
 
 import torch
@@ -28,6 +29,14 @@ def graph_bytes(purifier: nn.Module, x1: torch.Tensor) -> int:
             probe(x1.detach().clone().requires_grad_(True))
         _GRAPH_BYTES[key] = total
     return _GRAPH_BYTES[key]
+
+
+def checkpoint_share(purifier: nn.Module, x1: torch.Tensor, rows: int) -> float:
+    """The share of a long purifier's UNet calls to recompute in backward so that the activations kept for
+    `rows` images take at most half the memory available (0 when they fit; in steps of 5%, a little margin)."""
+    need = graph_bytes(purifier, x1) * rows
+    share = min(1.0, max(0.0, 1 - available_bytes(x1) / 2 / need))
+    return math.ceil(share * 20) / 20
 
 
 def available_bytes(x: torch.Tensor) -> int:

@@ -328,7 +328,7 @@ def test_records_of_another_evaluation_are_never_mixed_in(clf, data, tmp_path):
 
 def test_full_gradient_attacks_checkpoint_long_purifiers_only_when_memory_asks_and_only_while_they_run(
         clf, data, monkeypatch):
-    import eval.harness as harness
+    import eval.memory as memory
 
     x, y = data[0][:8], data[1][:8]
     purifier = DiffPure(tiny_unet(1, 16), scheduler_config(), t_star=0.002, steps=10)
@@ -339,7 +339,7 @@ def test_full_gradient_attacks_checkpoint_long_purifiers_only_when_memory_asks_a
     plenty = evaluate(Defended(purifier, clf), x, y, ["pgd-eot", "bpda-eot"], **kw)
     assert not any(ckpt for _, ckpt in seen)  # a small graph: kept whole, no second forward pass
     seen.clear()
-    monkeypatch.setattr(harness, "available_bytes", lambda x: 1000)  # a machine that cannot hold it
+    monkeypatch.setattr(memory, "available_bytes", lambda x: 1000)  # a machine that cannot hold it
     scarce = evaluate(Defended(purifier, clf), x, y, ["pgd-eot", "bpda-eot"], **kw)
     assert (True, True) in seen  # pgd-eot: gradients through the 10 steps, checkpointed
     assert purifier.x0_net.grad_checkpoint is False  # and only while the attack runs
@@ -370,7 +370,7 @@ def test_checkpointed_gradient_through_the_purifier_equals_the_plain_one(clf, da
 
 
 def test_auto_checkpoints_the_share_of_steps_that_memory_asks_for(clf, data, monkeypatch):
-    import eval.harness as harness
+    import eval.memory as memory
     from eval.memory import graph_bytes
 
     x, y = data[0][:8], data[1][:8]
@@ -379,7 +379,7 @@ def test_auto_checkpoints_the_share_of_steps_that_memory_asks_for(clf, data, mon
     shares = []
     purifier.register_forward_hook(lambda m, i, o: shares.append(float(m.x0_net.grad_checkpoint))
                                    if torch.is_grad_enabled() and len(i[0]) == 16 else None)
-    monkeypatch.setattr(harness, "available_bytes", lambda x: need)  # half of it fits: half the calls recomputed
+    monkeypatch.setattr(memory, "available_bytes", lambda x: need)  # half of it fits: half the calls recomputed
     evaluate(Defended(purifier, clf), x, y, ["pgd-eot"], eps=0.1, eot=2, steps={"pgd-eot": 1}, check_steps=False,
              progress=None)
     assert shares and set(shares) == {0.5}
