@@ -62,9 +62,10 @@ def _torchvision(name: str, download: bool) -> nn.Module:
     if not file.is_file() and not download:
         raise FileNotFoundError(f"torchvision:{name} needs its weights {file.name}: put the file at {file} (the torch "
                                 "hub cache; TORCH_HOME moves it), or load it with download=True on a machine with a network")
-    model = get_model(arch, weights=weights)
     t = weights.transforms()
-    return Normalized(model, t.mean, t.std)
+    if not hasattr(t, "mean"):
+        raise InputError(f"torchvision:{arch} is not an image classifier (its weights carry no normalisation)")
+    return Normalized(get_model(arch, weights=weights), t.mean, t.std)
 
 
 def _hf_cache() -> str:
@@ -87,7 +88,10 @@ def _timm(name: str, download: bool) -> nn.Module:
         from huggingface_hub import try_to_load_from_cache
 
         repo = cfg.get("hf_hub_id")
-        found = [p for f in ("model.safetensors", "pytorch_model.bin") if repo
+        if not repo:
+            raise InputError(f"timm:{name} has no Hugging Face weights (hf_hub_id); load it with download=True")
+        files = [cfg["hf_hub_filename"]] if cfg.get("hf_hub_filename") else ["model.safetensors", "pytorch_model.bin"]
+        found = [p for f in files
                  for p in [try_to_load_from_cache(repo, f, cache_dir=_hf_cache())] if isinstance(p, str)]
         if not found:
             raise FileNotFoundError(f"timm:{name} needs its weights from the Hugging Face repo {repo}: put "

@@ -32,6 +32,10 @@ MEANINGS = {
                                  "point in nearly unrelated directions: each draw's gradient is mostly noise, "
                                  "averaging a few of them (EOT) cancels rather than converges (DiffHammer's "
                                  "gradient dilemma), and an attack at this EOT is likely far from converged.",
+    "escalation-beats-full-gradient": "A defense reported above a reference row (its teacher, plain distillation) "
+                                      "lost examples, beyond chance, to transfer from the reference or to Square "
+                                      "that its own full-gradient attacks left: its gradients mislead the "
+                                      "attacker, and its figure stood above the reference only for that reason.",
     "approximation-beats-full-gradient": "BPDA or a transfer attack broke examples the full-gradient attack "
                                          "left, beyond chance (paired, the same examples): the exact gradient "
                                          "is less useful than an approximation of it, the signature of "

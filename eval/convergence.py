@@ -32,6 +32,8 @@ def paired_change(before: list, after: list) -> dict:
     """`after` against `before` on the same examples: the change of accuracy, its paired standard error (of the
     mean per-example difference), the flips each way and McNemar's one-sided exact p that `after` is lower."""
     n = len(before)
+    if n == 0 or n != len(after):
+        raise InputError(f"a paired change needs the same examples on both sides, got {n} and {len(after)}")
     d = [int(bool(b)) - int(bool(a)) for a, b in zip(before, after)]
     mean = sum(d) / n
     se = math.sqrt(sum((v - mean) ** 2 for v in d) / max(n - 1, 1) / n)
@@ -40,22 +42,32 @@ def paired_change(before: list, after: list) -> dict:
 
 
 def verdict(rows: list[dict]) -> dict:
-    """The smallest rung whose figure the largest rung lowers by at most one paired standard error (None when
-    none does: the largest budget still helped, so even its figure is an upper bound that more effort may lower)."""
-    last = rows[-1]
-    for row in rows[:-1]:
+    """The smallest rung from which on the largest rung lowers no figure by more than one paired standard error
+    (None when the rung below the largest already fails: the largest budget still helped, so even its figure is
+    an upper bound that more effort may lower)."""
+    last, found = rows[-1], None
+    for row in reversed(rows[:-1]):
         c = paired_change(row["correct"], last["correct"])
-        if -c["change"] <= c["se"] + 1e-12:  # one flip alone is exactly one standard error
-            return {"converged": f"{row['steps']}x{row['eot']}", "against_largest": c}
-    return {"converged": None, "against_largest": paired_change(rows[-2]["correct"], last["correct"])}
+        if -c["change"] > c["se"] + 1e-12:  # one flip alone is exactly one standard error: within
+            break
+        found = (row, c)
+    if found is None:
+        return {"converged": None, "against_largest": paired_change(rows[-2]["correct"], last["correct"])}
+    return {"converged": f"{found[0]['steps']}x{found[0]['eot']}", "against_largest": found[1]}
 
 
-def run_ladder(model, x, y, attack: str, rungs, budget: Budget, out: str | Path | None = None, **kw) -> dict:
+def run_ladder(model, x, y, attack: str, rungs, budget: Budget, out: str | Path | None = None,
+               **kw) -> dict | None:
     """`attack` alone at each (steps, eot) of `rungs` on the same examples (`eval.evaluate` with `budget`'s R,
-    seed and losses; sweep and doubled-steps check off). A row's figure is the worst case over R per example."""
-    from .harness import evaluate
+    seed and losses; sweep and doubled-steps check off). A row's figure is the worst case over R per example.
+    A model without a purifier climbs the steps alone (EOT 1); None when that leaves fewer than two rungs."""
+    from .harness import evaluate, purifier_of
 
     rungs = check_ladder(rungs)
+    if purifier_of(model) is None:  # a deterministic model is attacked without EOT: only the steps climb
+        rungs = list(dict.fromkeys((s, 1) for s, _ in rungs))
+        if len(rungs) < 2:
+            return None  # the ladder climbs only EOT, which a deterministic model does not use
     rows = []
     for steps, eot in rungs:
         b = with_changes(budget, {"attacks": [attack], "steps": {**budget.steps, attack: steps}, "eot": eot,

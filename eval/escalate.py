@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .attacks import ATTACKS
 from .budget import Budget, with_changes
 from .checks import flag, flips, sign_test
 from .matched import on_examples, subset_positions
@@ -46,8 +47,9 @@ def above_references(results: dict, references: list[str], total: int) -> dict[s
 def escalate(model, x, y, budget: Budget, sources: dict, base: dict, out: str | Path | None, tolerance: float,
              **kw) -> dict:
     """Transfer from each of `sources` (name -> defended model to craft on) and Square on `model`; the row's
-    all-attacks figure again as the worst case over its own attacks and these, and two paired flags: transfer or
-    Square broke, beyond chance, examples the full-gradient attacks left."""
+    all-attacks figure again as the worst case over its own attacks and these, and a flag, paired as
+    `approximation-beats-full-gradient`: transfer or Square beat the row's strongest full-gradient attack beyond
+    chance (per example, worst case over R; McNemar's exact sign test)."""
     from .harness import accuracy_stats, evaluate
 
     quiet = {"sweep_eps": [], "check_steps": False}
@@ -59,23 +61,26 @@ def escalate(model, x, y, budget: Budget, sources: dict, base: dict, out: str | 
     runs["square"] = evaluate(model, x, y, budget=with_changes(budget, {**quiet, "attacks": ["square"]}),
                               out=None if out is None else Path(out) / "square", **{"progress": None, **kw})
     before = _worst_all(base)
-    attacks, worst = {}, torch.tensor(before)
-    paired = []
+    pe = base["per_example"]
+    white = [a for a in base["attacks"] if ATTACKS[a].white_box and not ATTACKS[a].needs_purifier]
+    exact = min(white, key=lambda a: base["attacks"][a]["worst"]) if white else None
+    exact_worst = [all(v) for v in pe[exact]] if exact else before
+    attacks, worst, paired = {}, torch.tensor(before), []
     for name, r in runs.items():
         a = "transfer" if name.startswith("transfer") else "square"
         m = torch.tensor(r["per_example"][a]).T.bool()  # R x n
         attacks[name] = accuracy_stats(m)
         w = m.all(0)
         worst &= w
-        broken, recovered = flips(before, w.tolist())
-        p = sign_test(broken, recovered)
-        paired.append((name, broken, recovered, p, attacks[name]["worst"]))
-    raised = any(p <= 0.05 and b - c > tolerance * len(before) for _, b, c, p, _ in paired)
-    detail = "; ".join(f"{name} {100 * acc:.1f}% worst ({b} examples broken that every earlier attack left, {c} the "
-                       f"other way; p = {p:.3f})" for name, b, c, p, acc in paired)
-    return {"attacks": attacks, "before": sum(before) / len(before),
-            "worst_over_attacks": worst.float().mean().item(),
-            "flag": flag("approximation-beats-full-gradient", raised, "escalation: " + detail)}
+        broken, recovered = flips(exact_worst, w.tolist())  # paired against the row's strongest full gradient
+        paired.append((name, broken, recovered, sign_test(broken, recovered), attacks[name]["worst"]))
+    n, base_acc = len(before), sum(exact_worst) / len(before)
+    raised = any(p <= 0.05 and base_acc - acc > tolerance for _, _, _, p, acc in paired)
+    detail = "; ".join(f"{name} {100 * acc:.1f}% worst against {exact or 'all attacks'} {100 * base_acc:.1f}% ({b} "
+                       f"examples broken only by {name}, {c} only by {exact or 'the row'}; p = {p:.3f})"
+                       for name, b, c, p, acc in paired)
+    return {"attacks": attacks, "before": sum(before) / n, "worst_over_attacks": worst.float().mean().item(),
+            "flag": flag("escalation-beats-full-gradient", raised, detail)}
 
 
 def render_escalation(results: dict) -> list[str]:

@@ -92,7 +92,7 @@ class _Runner:
                                   eot=self.eot, steps=job.steps, queries=self.queries,
                                   stochastic=purifier_of(target) is not None, loss=self.losses.get(job.attack),
                                   eot_batch=self.eot_batch)
-            with self.checkpointing(job.attack, len(x) * self.eot):
+            with self.checkpointing(job.attack, len(x) * min(self.eot, self.eot_batch or self.eot)):  # rows held at once
                 out = attack(x, y)
             x_adv, broken = out if isinstance(out, tuple) else (out, None)
         if self.purifier is not None:
@@ -207,7 +207,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks=None, *
     settings = {"examples": n, "labels": zlib.crc32(y.cpu().numpy().tobytes()), "norm": norm, "eps": eps,
                 "eot": eot, "queries": b.queries, "batch_size": b.batch_size, "seed": b.seed,
                 "losses": {a: b.losses[a] for a in sorted(b.losses) if a in b.attacks}, "eot_batch": b.eot_batch,
-                "pgd": "best iterate, batched eot, apgd-eot in autoattack-rand",  # how the PGD-EOT family crafts
+                "pgd": "best iterate (fooled first), batched eot, apgd-eot in autoattack-rand",  # how PGD-EOT crafts
                 "jobs": [[j.key, j.eps, j.steps, j.n] for j in jobs],
                 "images": tensor_digest(x, y), "model": module_digest(model),
                 "transfer_source": module_digest(transfer_source) if "transfer" in b.attacks else None}

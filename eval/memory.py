@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import weakref
 
 import torch
 import torch.nn as nn
@@ -16,7 +17,8 @@ _GRAPH_BYTES: dict = {}
 def graph_bytes(purifier: nn.Module, x1: torch.Tensor) -> int:
     """Bytes autograd keeps for one image through `purifier` (measured once per purifier: one forward with grad)."""
     key = (id(purifier), tuple(x1.shape), str(x1.device))
-    if key not in _GRAPH_BYTES:
+    held = _GRAPH_BYTES.get(key)
+    if held is None or held[0]() is not purifier:  # an id can be reused once its purifier is freed
         total = 0
 
         def pack(t):
@@ -27,8 +29,8 @@ def graph_bytes(purifier: nn.Module, x1: torch.Tensor) -> int:
         probe = copy.deepcopy(purifier)  # its own generator: the attack's draws stay as they were
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             probe(x1.detach().clone().requires_grad_(True))
-        _GRAPH_BYTES[key] = total
-    return _GRAPH_BYTES[key]
+        _GRAPH_BYTES[key] = (weakref.ref(purifier), total)
+    return _GRAPH_BYTES[key][1]
 
 
 def checkpoint_share(purifier: nn.Module, x1: torch.Tensor, rows: int) -> float:

@@ -150,7 +150,7 @@ class DiffPure(Purifier):
         in [0, 1]: that share of the calls, evenly spread; the rest keep their activations)."""
         if not 0 <= float(enabled) <= 1:
             raise InputError(f"grad_checkpoint must be a bool or a share in [0, 1], got {enabled!r}")
-        self.x0_net.grad_checkpoint = enabled
+        self.x0_net.grad_checkpoint, self.x0_net._calls = enabled, 0  # the pattern starts afresh
         return self
 
     def diffuse(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

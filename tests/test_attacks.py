@@ -113,7 +113,7 @@ def test_eot_gradient_is_the_mean_of_that_many_sampled_gradients(cnn, batch):
     # one pass at a time: the mean of `eot` gradients drawn one after another
     attack = EOTPGD(model, eps=0.1, steps=1, eot=4, eot_batch=1)
     purifier.manual_seed(7)
-    g, loss = attack.gradient(x, y)
+    g, loss, _ = attack.gradient(x, y)
     purifier.manual_seed(7)
     singles, losses = [], []
     for _ in range(4):
@@ -126,7 +126,7 @@ def test_eot_gradient_is_the_mean_of_that_many_sampled_gradients(cnn, batch):
     assert not torch.allclose(singles[0], singles[1])  # the samples differ, so the mean is a real average
     # batched (the default): the four draws are four stacked copies in one pass, each its own noise
     purifier.manual_seed(7)
-    g4, _ = EOTPGD(model, eps=0.1, steps=1, eot=4).gradient(x, y)
+    g4, _, _ = EOTPGD(model, eps=0.1, steps=1, eot=4).gradient(x, y)
     purifier.manual_seed(7)
     x4 = x.repeat(4, 1, 1, 1).requires_grad_(True)
     per_copy = torch.autograd.grad(F.cross_entropy(model(x4), y.repeat(4), reduction="sum"), x4)[0].view(4, *x.shape)
@@ -243,3 +243,14 @@ def test_autoattack_rand_draws_its_eot_copies_in_one_pass(cnn, batch):
                                  steps=3, stochastic=True)(x, y)
     assert 16 in rows and set(rows) <= {16, 4}  # 4 examples x EOT 4 stacked; the candidates scored one draw a pass
     assert set(source) <= {"apgd-ce", "apgd-dlr"} and (x_adv - x).abs().amax() <= 0.1 + 1e-6
+
+
+def test_the_best_iterate_is_the_one_that_fools_most_draws_then_the_highest_loss():
+    from eval.attacks.pgd import _Best
+
+    x = torch.zeros(1, 1, 2, 2)
+    keep = _Best(x)
+    # with cross-entropy a correct point (p_y 0.4 of 3 classes: CE 0.92) can outscore a fooled one (p_y 0.45: 0.80)
+    for value, fooled, loss in [(1, 0.0, 0.92), (2, 1.0, 0.80), (3, 1.0, 0.90), (4, 0.0, 5.0), (5, 0.5, 9.0)]:
+        keep.offer(x + value, torch.tensor([fooled]), torch.tensor([loss]))
+    assert keep.x.flatten()[0].item() == 3  # fooled, and the higher loss of the two fooled points

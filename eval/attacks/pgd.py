@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -58,23 +60,23 @@ class EOTPGD(Attack):
         self.random_start, self.seed, self.best = random_start, seed, best
         self.eot_batch, self.schedule = eot_batch or eot, schedule
 
-    def losses(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Per-example loss of one forward pass."""
-        return loss_of(self.loss, self.get_logits(x), y)
-
-    def gradient(self, x: torch.Tensor, y: torch.Tensor, grad: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(the EOT gradient, the EOT-averaged loss per example): `eot` passes as stacked copies of the batch."""
-        g, total, left = torch.zeros_like(x) if grad else None, torch.zeros(len(x), device=x.device), self.eot
+    def gradient(self, x: torch.Tensor, y: torch.Tensor, grad: bool = True):
+        """(the EOT gradient, the EOT-averaged loss, the share of the EOT draws fooled) per example: `eot` passes as
+        stacked copies of the batch."""
+        g, left = torch.zeros_like(x) if grad else None, self.eot
+        total, fooled = torch.zeros(len(x), device=x.device), torch.zeros(len(x), device=x.device)
         while left > 0:
             k = min(left, self.eot_batch)
-            x_ = x.detach().repeat(k, *([1] * (x.dim() - 1))).requires_grad_(grad)
+            x_, y_ = x.detach().repeat(k, *([1] * (x.dim() - 1))).requires_grad_(grad), y.repeat(k)
             with torch.enable_grad() if grad else torch.no_grad():
-                loss = self.losses(x_, y.repeat(k))
+                logits = self.get_logits(x_)
+                loss = loss_of(self.loss, logits, y_)
             if grad:
                 g += torch.autograd.grad(loss.sum(), x_)[0].view(k, *x.shape).sum(0)
             total += loss.detach().view(k, len(x)).sum(0)
+            fooled += (logits.detach().argmax(1) != y_).float().view(k, len(x)).sum(0)
             left -= k
-        return (g / self.eot if grad else None), total / self.eot
+        return (g / self.eot if grad else None), total / self.eot, fooled / self.eot
 
     def project(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         delta = x_adv - x
@@ -105,35 +107,36 @@ class EOTPGD(Attack):
         x_adv = self.project(x + self.eps * self._start(x), x) if self.random_start else x.clone()
         if self.schedule == "apgd":
             return self._apgd(x, y, x_adv)
-        best, best_loss = x_adv.clone(), torch.full((len(x),), -float("inf"), device=x.device)
+        keep = _Best(x_adv)
         for _ in range(self.steps):
-            g, loss = self.gradient(x_adv, y)
-            better = loss > best_loss
-            best[better], best_loss[better] = x_adv[better], loss[better]
+            g, loss, fooled = self.gradient(x_adv, y)
+            keep.offer(x_adv, fooled, loss)
             x_adv = self.project(x_adv + self.step(g), x).detach()
         if not self.best:
             return x_adv
-        _, loss = self.gradient(x_adv, y, grad=False)  # the last iterate competes too
-        better = loss > best_loss
-        best[better] = x_adv[better]
-        return best
-
+        _, loss, fooled = self.gradient(x_adv, y, grad=False)  # the last iterate competes too
+        keep.offer(x_adv, fooled, loss)
+        return keep.x
 
     def _apgd(self, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor) -> torch.Tensor:
         """APGD's iteration (Croce & Hein, 2020, Algorithm 1) on the EOT gradient; returns each example's best point."""
         n, shape = self.steps, (-1,) + (1,) * (x.dim() - 1)
         k, k_min, k_decr = max(int(0.22 * n), 1), max(int(0.06 * n), 1), max(int(0.03 * n), 1)
         eta = torch.full((len(x),), 2.0 * self.eps, device=x.device)
-        g, loss = self.gradient(x_adv, y)
-        best, best_loss, best_g = x_adv.clone(), loss.clone(), g.clone()
+        g, loss, fooled = self.gradient(x_adv, y)
+        best, best_loss, best_g = x_adv.clone(), loss.clone(), g.clone()  # highest loss: where a halved step restarts
+        keep = _Best(x_adv)  # what the attack returns: most draws fooled, then highest loss (APGD's x_best_adv)
+        keep.offer(x_adv, fooled, loss)
         losses, prev = [loss], x_adv.clone()
-        last_check_loss, reduced, since = best_loss.clone(), torch.zeros_like(best_loss, dtype=torch.bool), 0
+        # as fra31/auto-attack: no "not reduced and no better" halving at the first checkpoint
+        last_check_loss, reduced, since = best_loss.clone(), torch.ones_like(best_loss, dtype=torch.bool), 0
         for i in range(n):
             a = 0.75 if i > 0 else 1.0
             z = self.project(x_adv + self.step(g, eta.view(shape)), x)
             x_new = self.project(x_adv + a * (z - x_adv) + (1 - a) * (x_adv - prev), x)
             prev, x_adv = x_adv, x_new.detach()
-            g, loss = self.gradient(x_adv, y)
+            g, loss, fooled = self.gradient(x_adv, y)
+            keep.offer(x_adv, fooled, loss)
             losses.append(loss)
             better = loss > best_loss
             best[better], best_loss[better], best_g[better] = x_adv[better], loss[better], g[better]
@@ -144,7 +147,21 @@ class EOTPGD(Attack):
                 eta[halve] /= 2
                 x_adv[halve], g[halve] = best[halve], best_g[halve]
                 reduced, last_check_loss, since, k = halve, best_loss.clone(), 0, max(k - k_decr, k_min)
-        return best if self.best else x_adv
+        return keep.x if self.best else x_adv
+
+
+class _Best:
+    """Each example's best point so far: the most EOT draws fooled, then the highest EOT-averaged loss (with CE a
+    point that fools the model can have a lower loss than one that does not)."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x.clone()
+        self.fooled = torch.full((len(x),), -1.0, device=x.device)
+        self.loss = torch.full((len(x),), -float("inf"), device=x.device)
+
+    def offer(self, x: torch.Tensor, fooled: torch.Tensor, loss: torch.Tensor) -> None:
+        better = (fooled > self.fooled) | ((fooled == self.fooled) & (loss > self.loss))
+        self.x[better], self.fooled[better], self.loss[better] = x[better], fooled[better], loss[better]
 
 
 class BPDA(nn.Module):
@@ -172,7 +189,9 @@ def build_eotpgd(model, ctx: AttackContext, loss: str = "ce", schedule: str = "c
 
 def build_apgd_eot(model, ctx: AttackContext, loss: str = "dlr"):
     """APGD with EOT, batched (the `autoattack-rand` components); DLR needs three classes, else the margin."""
-    return build_eotpgd(model, ctx, loss if ctx.n_classes >= 3 or loss != "dlr" else "margin", schedule="apgd")
+    loss = ctx.loss or loss
+    return build_eotpgd(model, replace(ctx, loss=None), loss if ctx.n_classes >= 3 or loss != "dlr" else "margin",
+                        schedule="apgd")
 
 
 def bpda_target(model: Defended, transfer_source=None) -> nn.Module:
