@@ -138,11 +138,13 @@ def benchmark(purifiers: dict, classifier=None, batch_sizes=(1, 64), warmup: int
         pur = purifiers[label].to(device).manual_seed(seed)
         for b in batch_sizes:
             x = torch.rand(b, pur.channels, *pur.image_size, generator=torch.Generator().manual_seed(seed)).to(device)
-            r = time_gradient(Defended(pur, classifier.to(device)), x, gradient_eot,
-                              min(warmup, 1), max(1, min(repeats, 3)),
-                              checkpoint=checkpoint_share(pur, x[:1], b * gradient_eot) if pur.nfe > 8 else 0.0)
-            rows.append(_row(f"gradient-eot{gradient_eot}", device, label, True, b, pur.nfe, r,
-                             torch.get_num_threads()))
+            share = checkpoint_share(pur, x[:1], b * gradient_eot) if pur.nfe > 8 else 0.0
+            defended = Defended(pur, classifier.to(device))
+            r = time_gradient(defended, x, gradient_eot, min(warmup, 1), max(1, min(repeats, 3)), checkpoint=share)
+            # the same EOT copies forward alone, one pass: what the gradient's own forward costs without autograd
+            f = time_module(defended, x.repeat(gradient_eot, 1, 1, 1), min(warmup, 1), max(1, min(repeats, 3)), None)
+            rows.append({**_row(f"gradient-eot{gradient_eot}", device, label, True, b, pur.nfe, r,
+                                torch.get_num_threads()), "checkpoint_share": share, "forward_eot_s": f["median_s"]})
     rows += _onnx_rows(onnx, batch_sizes, warmup, repeats, seed)
     for row in rows:
         ref = next(r for r in rows if r["variant"] == row["variant"] and r["batch_size"] == row["batch_size"]
@@ -189,15 +191,22 @@ def render(rows: list[dict], device: str) -> str:
                      f"{r['images_per_s']:.1f} | {r['ms_per_image']:.2f} | {peak} | {r['speedup']:.1f}x | {vs} |")
     grads = [r for r in rows if r["variant"].startswith("gradient-")]
     if grads:
-        lines += ["", "Attack cost: one PGD-EOT gradient (all EOT draws, full gradient through the purifier) against "
-                  "one forward pass of the defense, same batch (ms per image):", "",
-                  "| purifier | batch | forward | gradient | gradient / forward |", "|---|---|---|---|---|"]
+        lines += ["", "Attack cost: one PGD-EOT gradient (all EOT draws stacked in one pass, full gradient through the "
+                  "purifier, the share of a long purifier's UNet calls checkpointed as the harness would) against "
+                  "one forward pass of the defense on the same batch, and against one forward pass of the same "
+                  "EOT copies (ms per image of the batch):", "",
+                  "| purifier | batch | EOT | checkpointed | forward | forward of the EOT copies | gradient | "
+                  "gradient / forward | gradient / forward of the copies |", "|---|---|---|---|---|---|---|---|---|"]
         for g in grads:
             f = next((r for r in rows if r["variant"] == "plain" and r["purifier"] == g["purifier"]
                       and r["batch_size"] == g["batch_size"] and r["with_classifier"]), None)
             if f:
-                lines.append(f"| {g['purifier']} | {g['batch_size']} | {f['ms_per_image']:.2f} | "
-                             f"{g['ms_per_image']:.2f} | {g['median_s'] / f['median_s']:.1f}x ({g['variant']}) |")
+                fe = g.get("forward_eot_s")
+                lines.append(f"| {g['purifier']} | {g['batch_size']} | {g['variant'].removeprefix('gradient-eot')} | "
+                             f"{100 * g.get('checkpoint_share', 0):.0f}% | {f['ms_per_image']:.2f} | "
+                             + (f"{1000 * fe / g['batch_size']:.2f}" if fe else "-") +
+                             f" | {g['ms_per_image']:.2f} | {g['median_s'] / f['median_s']:.1f}x | "
+                             + (f"{g['median_s'] / fe:.1f}x" if fe else "-") + " |")
     lines += ["", "Speed-up: the first purifier's median time over this row's, same variant, batch and "
               "classifier setting; vs plain: the same purifier's plain median over this row's. Peak memory is "
               "torch.cuda.max_memory_allocated (not measured on CPU). onnxruntime rows: the exported file "

@@ -284,7 +284,9 @@ def test_latency_times_the_attack_gradient_beside_the_forward_pass(folders, tmp_
     grad = [r for r in rows if r["variant"] == "gradient-eot2"]
     forward = next(r for r in rows if r["variant"] == "plain" and r["with_classifier"])
     assert len(grad) == 1 and grad[0]["median_s"] > 0 and forward["median_s"] > 0
-    assert "gradient / forward" in (tmp_path / "g" / "latency.md").read_text()
+    assert grad[0]["forward_eot_s"] > 0 and grad[0]["checkpoint_share"] == 0.0  # a 1-step student: nothing recomputed
+    md = (tmp_path / "g" / "latency.md").read_text()
+    assert "gradient / forward of the copies" in md and "| consistency-1 | 4 | 2 | 0% |" in md
 
 
 @pytest.mark.slow
