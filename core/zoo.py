@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from .errors import InputError
+from .models import Normalized
 
 LIBRARIES = ("torchvision", "timm", "robustbench")
 
@@ -20,19 +21,6 @@ LIBRARIES = ("torchvision", "timm", "robustbench")
 def is_named(spec) -> bool:
     """True for 'torchvision:resnet18', 'timm:...', 'robustbench:...' (not a folder path)."""
     return isinstance(spec, str) and spec.split(":", 1)[0] in LIBRARIES and ":" in spec
-
-
-class Normalized(nn.Module):
-    """`model` on (x - mean) / std: a library model trained on normalised inputs, fed [0, 1] pixels."""
-
-    def __init__(self, model: nn.Module, mean, std):
-        super().__init__()
-        self.model = model
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model((x - self.mean.to(x.dtype)) / self.std.to(x.dtype))
 
 
 def load_named(spec: str, device="cpu", download: bool = False) -> nn.Module:

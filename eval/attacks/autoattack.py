@@ -3,7 +3,7 @@ per example for a stochastic one, over torchattacks' components."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -171,7 +171,7 @@ def build_autoattack_rand(model, ctx: AttackContext):
     drawn as one batch (ours, `apgd-eot`: torchattacks' APGD draws its `eot_iter` passes one after another)."""
     from .pgd import build_apgd_eot
 
-    parts = [(f"apgd-{loss}", build_apgd_eot(model, replace(ctx, loss=None), loss)) for loss in ("ce", "dlr")]
+    parts = [(f"apgd-{loss}", build_apgd_eot(model, ctx, loss)) for loss in ("ce", "dlr")]
     if not ctx.stochastic:
         return Composed(model, parts)
     return Strongest(model, [(name, lambda x, y, a=a: [a(x, y)]) for name, a in parts], ctx.norm, ctx.eps,
