@@ -17,6 +17,7 @@ class Budget:
     evals: int = 1  # R independent evaluations of a stochastic defense (a deterministic one gets 1)
     eot: int = 20  # EOT samples per gradient (and per candidate score) on a stochastic defense
     steps: dict = field(default_factory=dict)  # per-attack steps, e.g. {pgd-eot: 50}; default: the attack's own
+    attack_eps: dict = field(default_factory=dict)  # per-attack epsilon, e.g. {pgd-l2: 0.5} (an attack with its own norm)
     losses: dict = field(default_factory=dict)  # per-attack loss of the PGD-EOT family, e.g. {pgd-eot: margin}
     eot_batch: int | None = None  # EOT copies per forward pass (None: all `eot` in one pass; lower to save memory)
     queries: int = 5000  # Square

@@ -62,7 +62,8 @@ def escalate(model, x, y, budget: Budget, sources: dict, base: dict, out: str | 
                               out=None if out is None else Path(out) / "square", **{"progress": None, **kw})
     before = _worst_all(base)
     pe = base["per_example"]
-    white = [a for a in base["attacks"] if ATTACKS[a].white_box and not ATTACKS[a].needs_purifier]
+    white = [a for a in base["attacks"] if ATTACKS[a].white_box and not ATTACKS[a].needs_purifier
+             and a not in base.get("beside_threat", [])]
     exact = min(white, key=lambda a: base["attacks"][a]["worst"]) if white else None
     exact_worst = [all(v) for v in pe[exact]] if exact else before
     attacks, worst, paired = {}, torch.tensor(before), []

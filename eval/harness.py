@@ -21,7 +21,7 @@ from core.errors import InputError
 from core.io import append_jsonl, atomic_save_tensors, module_digest, read_jsonl, tensor_digest
 from core.runs import make_accelerator, same_or_fail
 
-from .attacks import ATTACKS, AttackContext, build_attack, check_attack, check_loss, large_eps, preset_eps
+from .attacks import ATTACKS, AttackContext, build_attack, check_attack, check_loss, large_eps, preset_eps, within_threat
 from .budget import Budget, with_changes
 from .checks import APPROXIMATIONS, accuracy_checks, flag, flips, gradient_probe, seed_checks
 from .defended import Defended
@@ -106,6 +106,8 @@ class _Runner:
             atomic_save_tensors({"adversarial": x_adv[:8].detach().cpu().contiguous()},
                                 self.samples_dir / f"{job.key.replace('/', '_')}.safetensors")
         rec = {"key": job.key, "batch": batch, "correct": correct, "seconds": time.perf_counter() - t0}
+        if job.attack is not None and ATTACKS[job.attack].threat == "unbounded":  # how far it had to go
+            rec["l2"] = (x_adv.detach() - x).flatten(1).norm(dim=1).tolist()
         if broken is not None:
             rec["broken_by"] = broken
         return rec
@@ -141,7 +143,7 @@ def plan(b: Budget, R: int, stochastic: bool, eps: float, n: int) -> tuple[list[
         if ATTACKS[a].needs_purifier and not stochastic:
             skipped[a] = "needs a purifier in front of the classifier"
             continue
-        jobs += [Job(f"{a}/{r}", a, eps, b.steps.get(a), r) for r in range(R)]
+        jobs += [Job(f"{a}/{r}", a, b.attack_eps.get(a, eps), b.steps.get(a), r) for r in range(R)]
     primary = next((a for a in (("pgd-eot", "pgd") if stochastic else ("pgd", "pgd-eot")) if a in b.attacks), None)
     if primary and b.sweep_eps:
         jobs += [Job(f"sweep/{primary}/{e:g}", primary, float(e), b.steps.get(primary), 0, min(b.sweep_n or n, n))
@@ -169,9 +171,12 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks=None, *
     eps = eps if eps is not None else preset_eps(dataset or "", norm)
     for a in b.attacks:
         check_attack(a, norm)
-    unknown = sorted((set(b.steps) | set(b.losses)) - set(ATTACKS))
+        own = ATTACKS[a].threat
+        if own not in (None, "unbounded", norm) and a not in b.attack_eps:
+            raise InputError(f"{a} attacks under {own} in a {norm} run: give its epsilon as budget attack_eps: {{{a}: EPS}}")
+    unknown = sorted((set(b.steps) | set(b.losses) | set(b.attack_eps)) - set(ATTACKS))
     if unknown:
-        raise InputError(f"steps or losses given for unknown attack(s) {', '.join(unknown)}; known: "
+        raise InputError(f"steps, losses or attack_eps given for unknown attack(s) {', '.join(unknown)}; known: "
                          f"{', '.join(ATTACKS)}")
     for a, loss in b.losses.items():
         check_loss(a, loss)
@@ -243,9 +248,11 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks=None, *
     names = [a for a in b.attacks if a not in skipped]
     big = large_eps(norm, x.shape[1:])
     result = summarize(names, R, jobs, records, y.cpu(), n, b.batch_size, stochastic, chance=1 / n_classes,
-                       tolerance=b.tolerance, flags=flags, large=big)
+                       tolerance=b.tolerance, flags=flags, large=big,
+                       inside=[a for a in names if within_threat(a, norm)])
     result.update(threat={"norm": norm, "eps": eps, "large_eps": big},
                   budgets=budgets(names, b, norm, eps, eot, n_classes, stochastic), skipped=skipped, evals=R,
+                  beside_threat=[a for a in names if not within_threat(a, norm)],
                   strength={a: {"steps": b.steps.get(a) or ATTACKS[a].steps, "eot": eot, "queries": b.queries}
                             for a in names}, seed=b.seed,
                   stochastic=stochastic, examples=n, nfe=getattr(purifier, "nfe", 0), chance=1 / n_classes)
@@ -294,8 +301,12 @@ def gather_all(acc, rec) -> list:
 
 def budgets(attacks, b: Budget, norm: str, eps: float, eot: int, n_classes: int, stochastic: bool) -> dict:
     """What each attack was allowed, in words a reader can check."""
-    return {a: ATTACKS[a].budget(AttackContext(norm, eps, b.steps.get(a) or ATTACKS[a].steps, n_classes, b.seed, eot,
-                                               b.queries, stochastic, b.losses.get(a))) for a in attacks}
+    def ctx(a):
+        own = ATTACKS[a].threat
+        return AttackContext(own if own in ("Linf", "L2") else norm, b.attack_eps.get(a, eps), b.steps.get(a) or ATTACKS[a].steps,
+                             n_classes, b.seed, eot, b.queries, stochastic, b.losses.get(a))
+
+    return {a: ATTACKS[a].budget(ctx(a)) for a in attacks}
 
 
 def paired_against(mats: dict, exact: str, others) -> dict:
@@ -324,8 +335,11 @@ def accuracy_stats(m: torch.Tensor) -> dict:
             "worst_se": (worst.var(unbiased=False) / n).sqrt().item() if worst.numel() > 1 else 0.0}
 
 
-def summarize(names, R, jobs, records, y, n, batch_size, stochastic, chance, tolerance, flags, large) -> dict:
-    """Aggregate per-example records into the report: averages, worst cases, per-example results, flags."""
+def summarize(names, R, jobs, records, y, n, batch_size, stochastic, chance, tolerance, flags, large,
+              inside=None) -> dict:
+    """Aggregate per-example records into the report: averages, worst cases, per-example results, flags.
+    `inside`: the attacks of the run's threat model (default all); the others are reported beside it."""
+    inside = list(names) if inside is None else inside
     by_key = {j.key: j for j in jobs}
 
     def collect(key: str, field: str = "correct") -> list:
@@ -352,6 +366,9 @@ def summarize(names, R, jobs, records, y, n, batch_size, stochastic, chance, tol
         broken = [v for r in range(R) for v in collect(f"{name}/{r}", "broken_by")]
         if broken:
             attacks[name]["broken_by"] = {k: broken.count(k) / (R * n) for k in dict.fromkeys(broken) if k}
+        dist = [v for r in range(R) for v in collect(f"{name}/{r}", "l2")]
+        if dist:  # a minimal-perturbation attack: the median L2 distance to its points (0 where clean was wrong)
+            attacks[name]["median_l2"] = torch.tensor(dist).median().item()
     sweep = [{"eps": j.eps, "accuracy": sum(c) / len(c), "examples": len(c)}
              for j in jobs if j.key.startswith("sweep/") for c in [collect(j.key)]]
     doubled = None
@@ -363,10 +380,13 @@ def summarize(names, R, jobs, records, y, n, batch_size, stochastic, chance, tol
                        "doubled": sum(c2) / len(c2), "examples": len(c2),
                        **dict(zip(("broken", "recovered"), flips(c1, c2)))}  # paired: the same examples
     clean = stats(clean_m)
-    flags = flags + accuracy_checks(clean["average"], attacks, sweep, doubled, n, chance, tolerance,
-                                    stochastic, large, paired_against(mats, "pgd-eot", APPROXIMATIONS))
-    # robust to all attacks: correct in every clean evaluation and under every attack in every evaluation
-    worst_all = torch.stack([clean_m, *mats.values()]).all(0).all(0).float().mean().item() if mats else None
+    flags = flags + accuracy_checks(clean["average"], {k: v for k, v in attacks.items() if k in inside}, sweep, doubled,
+                                    n, chance, tolerance, stochastic, large,
+                                    paired_against(mats, "pgd-eot", APPROXIMATIONS))
+    # robust to all attacks of the threat model: correct in every clean evaluation and under every such attack in
+    # every evaluation
+    within = [m for k, m in mats.items() if k in inside]
+    worst_all = torch.stack([clean_m, *within]).all(0).all(0).float().mean().item() if within else None
     per_example = {"label": y.tolist(), "clean": clean_m.T.tolist(), **{k: m.T.tolist() for k, m in mats.items()}}
     return {"clean": clean, "attacks": attacks, "worst_over_attacks": worst_all, "sweep": sweep,
             "doubled_steps": doubled, "flags": flags, "raised": [f["name"] for f in flags if f["raised"]],

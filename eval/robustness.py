@@ -23,6 +23,7 @@ from .defended import Defended
 from .escalate import above_references, escalate, render_escalation
 from .harness import evaluate
 from .matched import pm, shared_examples, weaker
+from .scores import bench_scores
 
 
 @dataclass
@@ -44,6 +45,9 @@ class EvalConfig:
     # labels of reference rows (the teacher, plain distillation): a defense above one is attacked again by
     # transfer from each reference and by Square (eval/escalate.py); crafting on a 100-step teacher costs its attack
     escalate: list = field(default_factory=list)
+    # attacks (of every defense's budget) to score as the robust-distillation benchmarks do: BEARD's RR, AE, CREI
+    # and ROME's I-RR from their accuracies and times (eval/scores.py); ["all"]: every attack run
+    scores: list = field(default_factory=list)
 
 
 def defenses(cfg: EvalConfig) -> list[dict]:
@@ -95,9 +99,27 @@ def check(cfg: EvalConfig) -> list[dict]:
     if set(cfg.escalate) - purified:
         raise InputError(f"escalate names {', '.join(sorted(set(cfg.escalate) - purified))}, not a purified defense "
                          f"of this config; purified defenses: {', '.join(sorted(purified)) or 'none'}")
+    for d in plan:
+        missing = sorted(set(cfg.scores) - {"all"} - set(d["budget"].attacks))
+        if missing or (cfg.scores and len(scored(cfg.scores, d["budget"].attacks)) < 2):
+            raise InputError(f"scores needs two or more attacks of the budget of {d['label']}" +
+                             (f"; it does not run {', '.join(missing)}" if missing else ""))
     if any(a == "transfer" for d in plan for a in d["budget"].attacks) and not cfg.transfer_from:
         raise InputError("the transfer attack needs transfer_from: the purifier folder to craft the examples on")
     return plan
+
+
+def scored(scores: list, attacks: list) -> list:
+    """The attacks `scores` names (all of `attacks` for ["all"])."""
+    return list(attacks) if "all" in scores else [a for a in attacks if a in scores]
+
+
+def _scores(cfg: EvalConfig, r: dict) -> dict | None:
+    names = [a for a in scored(cfg.scores, list(r["attacks"]))]
+    if len(names) < 2:
+        return None
+    return bench_scores(r["clean"]["average"], {a: r["attacks"][a]["average"] for a in names},
+                        r["seconds"]["clean"], {a: r["seconds"][a] for a in names})
 
 
 def run_robustness(cfg: EvalConfig, out: str | Path) -> dict:
@@ -125,6 +147,8 @@ def run_robustness(cfg: EvalConfig, out: str | Path) -> dict:
             model, x, y, budget=b, norm=cfg.norm, eps=eps, transfer_source=transfer, grad_checkpoint=gc,
             out=out / d["label"], accelerator=acc, progress=f"[{i + 1}/{len(plan)}] {d['label']}")
         r.update(label=d["label"], purifier=d["purifier"], votes=b.votes)
+        if cfg.scores:
+            r["scores"] = _scores(cfg, r)
         attack = ladder_attack(b, purifier is not None)
         if b.ladder and attack:
             lad = run_ladder(model, x, y, attack, b.ladder, b, out / d["label"] / "ladder", norm=cfg.norm, eps=eps,
@@ -205,7 +229,9 @@ def render(report: dict) -> str:
     res = report["defenses"]
     m = report.get("matched") or {"weaker": {}, "shared": None}
     attacks = list(dict.fromkeys(a for r in res.values() for a in r["attacks"]))
-    head = ["defense", "NFE", "R", "n", "clean avg / worst"] + [f"{a} avg / worst" for a in attacks] + ["all attacks"]
+    beside = {a for r in res.values() for a in r.get("beside_threat", [])}
+    head = ["defense", "NFE", "R", "n", "clean avg / worst"] + [
+        f"{a}{' †' if a in beside else ''} avg / worst" for a in attacks] + ["all attacks"]
     lines = [f"# Robustness on {report['dataset']}", "",
              f"Classifier `{report['classifier']}`. Accuracy in %, average over R evaluations / worst case "
              "(robust only if the example survives all R), each ± its standard error over the n examples. "
@@ -222,6 +248,13 @@ def render(report: dict) -> str:
         cells.append(_pct(r["worst_over_attacks"]) if not e else
                      f"{_pct(e['before'])} -> {_pct(r['worst_over_attacks'])} (escalated)")
         lines.append("| " + " | ".join(cells) + " |")
+    if beside:
+        lines += ["", "† beside the threat model (its own norm and epsilon, or unbounded: see the budgets), so "
+                  "outside `all attacks`." + "".join(
+                      f" {a}: median L2 distance to its points " + ", ".join(
+                          f"{k} {r['attacks'][a]['median_l2']:.3g}" for k, r in res.items()
+                          if "median_l2" in r["attacks"].get(a, {})) + "."
+                      for a in sorted(beside) if any("median_l2" in r["attacks"].get(a, {}) for r in res.values()))]
     if m["weaker"]:
         lines += ["", "\\* attacked more weakly than the others: " +
                   "; ".join(f"**{k}** ({', '.join(v)})" for k, v in m["weaker"].items()) + "."]
@@ -248,6 +281,7 @@ def render(report: dict) -> str:
                          f"`{f['name']}`: {f['detail']}." + (f" {f['meaning']}" if f["raised"] else "")
                          for f in r["flags"]] + [""]
     lines += render_escalation(res)
+    lines += render_scores(res)
     ladders = {k: r["ladder"] for k, r in res.items() if r.get("ladder")}
     if ladders:
         lines += ["## Convergence of the attacks", "",
@@ -266,6 +300,23 @@ def render(report: dict) -> str:
     lines += ["", "Images: `<defense>/grid.png` (clean / adversarial / purified); per-example results: "
               "`<defense>/report.json` (`per_example`) and `<defense>/examples.jsonl`.", ""]
     return "\n".join(lines)
+
+
+def render_scores(res: dict) -> list[str]:
+    """BEARD's and ROME's scores per defense, when the config asked for them."""
+    rows = {k: r["scores"] for k, r in res.items() if r.get("scores")}
+    if not rows:
+        return []
+    lines = ["## Benchmark scores (BEARD's RR, AE, CREI; ROME's I-RR)", "",
+             "In percent, from the average accuracies and the attacks' seconds on this machine, as BEARD's "
+             "`auto_metrics.py` computes them: RR = 1 - (clean - mean attacked) / (clean - min attacked), AE = (mean "
+             "attack time - clean time) / (max attack time - clean time), CREI = (RR + AE) / 2, I-RR = 1 - (clean - "
+             "mean attacked)(clean - min attacked) / clean^2. They depend on which attacks are in the set.", "",
+             "| defense | attacks | RR | AE | CREI | I-RR |", "|---|---|---|---|---|---|"]
+    for k, s in rows.items():
+        lines.append(f"| {k} | {', '.join(s['attacks'])} | {s['rr']:.1f} | {s['ae']:.1f} | {s['crei']:.1f} | "
+                     f"{s['i_rr']:.1f} |")
+    return lines + [""]
 
 
 def _aw(s: dict) -> str:

@@ -1,10 +1,13 @@
 """SRe2L's validation stage: a classifier trained from scratch on the distilled images, by KL divergence to
-the squeezed model's soft labels at temperature T (stored FKD crops, or an online teacher on the same crops)."""
+the squeezed model's soft labels at temperature T (stored FKD crops, or an online teacher on the same crops).
+
+The robust-distillation benchmarks' evaluation (DD-RobustBench, BEARD: DC's `evaluate_synset`) is the same loop
+with other keys: `configs/cifar10/dd-benchmark/train.yaml` (hard labels, SGD, the rate / 10 at the midpoint, DSA)."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -19,6 +22,7 @@ from core.models import build_classifier, classifier_config_for
 from core.runs import open_run
 from core.training import LoopConfig, cosine_schedule, fit
 
+from .condense import dsa_augment, dsa_params
 from .distilled import load_distilled
 from .relabel import apply_crops, crop_params
 from .squeeze import save_trained
@@ -46,6 +50,11 @@ class TrainConfig(LoopConfig):
     min_crop: float = 0.08  # online crops
     flip: bool = True
     crop_seed: int = 42
+    optimizer: str = "adamw"  # or "sgd" (momentum below), as DC's evaluation
+    momentum: float = 0.9
+    lr_schedule: str = "cosine"  # or "step": the rate / 10 at the midpoint (DC's evaluate_synset)
+    augment: str = "crops"  # random resized crops + flips, or "dsa": DSA's per-example augmentation (hard / online)
+    epoch_batches: bool = False  # a batch never spans two epochs (min(batch_size, images)), as DC's DataLoader
     checkpoint_every: int = 500
     log_every: int = 50
     eval_batch_size: int = 512
@@ -57,11 +66,31 @@ def kd_loss(student_logits, teacher_logits, temperature: float) -> torch.Tensor:
                     reduction="batchmean")
 
 
+CHOICES = {"optimizer": ("adamw", "sgd"), "lr_schedule": ("cosine", "step"), "augment": ("crops", "dsa")}
+
+
+def check(cfg: TrainConfig) -> None:
+    for key, known in CHOICES.items():
+        if getattr(cfg, key) not in known:
+            raise InputError(f"{key} must be one of {', '.join(known)}, got {getattr(cfg, key)!r}")
+    if cfg.augment == "dsa" and cfg.soft_labels not in ("hard", "online"):
+        raise InputError("augment dsa needs soft_labels hard or online: stored soft labels belong to their stored "
+                         "crops")
+
+
+def step_schedule(opt, total: int):
+    """DC's evaluate_synset: the rate times 0.1 from the middle of training on."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 if s >= total // 2 else 1.0)
+
+
 def train_distilled(cfg: TrainConfig, out: str | Path, resume: bool = False) -> Path:
     """Train the student; writes OUT/classifier (with its test accuracy) and returns it."""
     if not cfg.distilled:
         raise InputError("train needs distilled: the recover stage's folder")
+    check(cfg)
     images, labels, meta = load_distilled(cfg.distilled)
+    if cfg.epoch_batches:
+        cfg = replace(cfg, batch_size=min(cfg.batch_size, len(labels)))
     online, hard = cfg.soft_labels == "online", cfg.soft_labels == "hard"
     if hard:
         stored, n_sets = None, cfg.online_epochs
@@ -91,8 +120,12 @@ def train_distilled(cfg: TrainConfig, out: str | Path, resume: bool = False) -> 
 
     torch.manual_seed(cfg.seed)
     model = build_classifier(mcfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    lr_sched = cosine_schedule(opt, total, cfg.warmup_steps)
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    lr_sched = step_schedule(opt, total) if cfg.lr_schedule == "step" else cosine_schedule(opt, total,
+                                                                                          cfg.warmup_steps)
     step = run.resume({"model": model}, opt, lr_sched)
     model, opt = acc.prepare(model, opt)
     images = images.to(acc.device)
@@ -100,20 +133,27 @@ def train_distilled(cfg: TrainConfig, out: str | Path, resume: bool = False) -> 
         teacher = teacher.to(acc.device)
     micro = {"i": step * cfg.grad_accum}
     crop_cache: dict[int, torch.Tensor] = {}
+    mean, std = (torch.tensor(v, device=acc.device).view(1, -1, 1, 1) for v in (info.mean, info.std))
+
+    def dsa(x, g):
+        """DSA on normalised pixels, as DC's evaluation applies it; a CPU generator drawn from the step's."""
+        cpu = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=g, device=g.device)))
+        return dsa_augment((x - mean) / std, dsa_params(len(x), cpu, shared=False)) * std + mean
 
     def loss_fn(model, idx, y, g):
         epoch = micro["i"] * cfg.batch_size * acc.num_processes // len(labels)
         micro["i"] += 1
         e = epoch % n_sets
-        if online or hard:
+        if cfg.augment == "dsa":
+            x = dsa(images[idx], g)
+        elif online or hard:
             if e not in crop_cache:
                 crop_cache.clear()
                 crop_cache[e] = crop_params(len(labels), tuple(images.shape[-2:]), e, cfg.crop_seed,
                                             cfg.min_crop, cfg.flip)
-            params = crop_cache[e][idx.cpu()]
+            x = apply_crops(images[idx], crop_cache[e][idx.cpu()].to(acc.device))
         else:
-            params = stored["crops"][e, idx.cpu()]
-        x = apply_crops(images[idx], params.to(acc.device))
+            x = apply_crops(images[idx], stored["crops"][e, idx.cpu()].to(acc.device))
         if hard:
             s = model(x)
             loss = F.cross_entropy(s, y)
@@ -129,4 +169,6 @@ def train_distilled(cfg: TrainConfig, out: str | Path, resume: bool = False) -> 
                   {"model": acc.unwrap_model(model)}, "train on distilled data", dataset=data)["seconds"]
     return save_trained(acc, model, mcfg, test, out, cfg, {"distilled": cfg.distilled, "ipc": meta.get("ipc"),
                                                           "soft_labels": cfg.soft_labels, "train_steps": total,
+                                                          "optimizer": cfg.optimizer, "lr_schedule": cfg.lr_schedule,
+                                                          "augment": cfg.augment, "batch_size": cfg.batch_size,
                                                           "train_seconds": seconds})

@@ -17,6 +17,7 @@ from core.datasets import load_dataset, to_tensors
 from core.errors import InputError
 from eval import Defended, evaluate
 from eval.attacks import ATTACKS
+from eval.budget import Budget
 from purify import DiffPure, Purifier
 
 from .conftest import digits_cnn, scheduler_config, tiny_unet
@@ -60,7 +61,8 @@ class Noise(Purifier):
 def test_every_attack_by_name_leaves_robust_at_most_clean(clf, data):
     x, y = data
     bare = [a for a in ATTACKS if a not in ("bpda-eot", "transfer")]
-    r = evaluate(Defended(None, clf), x, y, bare, eps=0.1, dataset="digits", steps=FEW, queries=100,
+    r = evaluate(Defended(None, clf), x, y, bare, budget=Budget(attack_eps={"pgd-l2": 1.0}), eps=0.1, steps=FEW,
+                 dataset="digits", queries=100,
                  sweep_eps=[0.05, 0.5], check_steps=False, progress=None)
     assert r["clean"]["average"] > 0.8
     assert set(r["attacks"]) == set(bare)
@@ -235,7 +237,7 @@ def test_robustness_command_writes_report_plots_and_per_example_records(folders,
 
 
 @pytest.mark.parametrize("extra, message", [
-    ({"budget": {"attacks": ["pgd", "deepfool"]}}, "unknown attack 'deepfool'"),
+    ({"budget": {"attacks": ["pgd", "elasticnet"]}}, "unknown attack 'elasticnet'"),
     ({"defenses": [{"purifier": "none", "nn": 3}]}, "unknown key.*nn"),
     ({"defenses": ["no/such/folder"]}, "purifier folder no/such/folder does not exist"),
     ({"budget": {"attacks": ["transfer"]}}, "transfer_from"),

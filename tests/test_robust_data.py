@@ -270,3 +270,44 @@ def test_every_squeeze_objective_keeps_the_contract(name):
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     assert model.training and model[1].training
+
+
+def test_benchmark_training_keys_give_dcs_schedule_on_hard_labels_with_dsa(tmp_path):
+    """The DD benchmarks' evaluation: SGD with momentum, the rate / 10 at the midpoint, batches that never span two
+    epochs (one step per epoch below the batch size), DSA instead of crops."""
+    from core.config import load_config
+    from core.io import read_jsonl
+    from robust_data.distilled import save_distilled
+    from robust_data.train import TrainConfig, train_distilled
+
+    torch.manual_seed(0)
+    save_distilled(tmp_path / "d", torch.rand(20, 1, 16, 16), torch.arange(10).repeat_interleave(2), {"ipc": 2})
+    cfg = load_config(TrainConfig, "configs/cifar10/dd-benchmark/train.yaml",
+                      ["dataset=digits", f"distilled={tmp_path / 'd'}", "epochs=8", "width=8", "log_every=1"])
+    train_distilled(cfg, tmp_path / "t")
+    meta = json.loads((tmp_path / "t" / "train.json").read_text())
+    assert meta["train_steps"] == 8 and meta["batch_size"] == 20  # 20 images: one batch of 20 per epoch
+    assert (meta["optimizer"], meta["lr_schedule"], meta["augment"]) == ("sgd", "step", "dsa")
+    lrs = [r["lr"] for r in read_jsonl(tmp_path / "t" / "log.jsonl") if "lr" in r]
+    assert lrs[0] == pytest.approx(0.01) and lrs[-1] == pytest.approx(0.001)
+
+
+def test_dsa_training_changes_what_the_network_sees_and_bad_choices_are_named(tmp_path):
+    from robust_data.distilled import save_distilled
+    from robust_data.train import TrainConfig, train_distilled
+
+    save_distilled(tmp_path / "d", torch.rand(10, 1, 16, 16), torch.arange(10), {"ipc": 1})
+    base = dict(distilled=str(tmp_path / "d"), soft_labels="hard", epochs=3, width=8, batch_size=10, lr=0.01)
+    for key, bad in [("optimizer", "adam"), ("lr_schedule", "linear"), ("augment", "mixup")]:
+        with pytest.raises(Exception, match=key):
+            train_distilled(TrainConfig(**base, **{key: bad}), tmp_path / f"bad-{key}")
+        assert not (tmp_path / f"bad-{key}").exists()
+    with pytest.raises(Exception, match="stored soft labels"):
+        train_distilled(TrainConfig(**{**base, "soft_labels": "runs/x"}, augment="dsa"), tmp_path / "bad")
+    weights = {}
+    for augment in ("crops", "dsa"):
+        train_distilled(TrainConfig(**base, augment=augment, min_crop=1.0, flip=False), tmp_path / augment)
+        from safetensors.torch import load_file
+        weights[augment] = load_file(next((tmp_path / augment / "classifier").glob("*.safetensors")))
+    k = next(k for k, v in weights["dsa"].items() if v.is_floating_point() and k.endswith("weight"))
+    assert not torch.equal(weights["crops"][k], weights["dsa"][k])  # min_crop 1, no flip: crops are the identity

@@ -6,7 +6,7 @@ the checks and the config validation all read the table."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch.nn as nn
@@ -18,6 +18,7 @@ from .autoattack import AA_TARGETS, Composed, Strongest, build_autoattack, build
 from .base import NORMS, AttackContext, check_norm, margin_loss
 from .diffhammer import LOSSES as HAMMER_LOSSES
 from .diffhammer import DiffHammer, build_diffhammer
+from .minimal import build_cw_l2, build_deepfool
 from .pgd import BPDA, EOTPGD, LOSSES, bpda_target, build_apgd_eot, build_eotpgd, build_pgd, transfer_target
 
 # Linf / L2 budgets on [0, 1] pixels: CIFAR-10 8/255 and 0.5 as in DiffPure; the ImageNet family 4/255
@@ -49,6 +50,10 @@ class AttackSpec:
     needs_purifier: bool = False
     target: Callable | None = None
     losses: tuple[str, ...] = ()  # the losses a budget may choose for it (`Budget.losses`)
+    # None: the run's threat model. "L2" / "Linf": its own norm whatever the run's (its epsilon from `Budget.attack_eps`
+    # when the norms differ); "unbounded": a minimal-perturbation attack. Either way it is reported beside the
+    # threat model: outside the all-attacks figure and the white-box comparisons, inside benchmark scores.
+    threat: str | None = None
 
 
 ATTACKS: dict[str, AttackSpec] = {}
@@ -90,7 +95,7 @@ def check_attack(name: str, norm: str) -> AttackSpec:
     if name not in ATTACKS:
         raise InputError(f"unknown attack {name!r}; known: {', '.join(ATTACKS)}")
     spec = ATTACKS[name]
-    if norm not in spec.norms:
+    if spec.threat is None and norm not in spec.norms:
         raise InputError(f"{name} is an {'/'.join(spec.norms)} attack; under {norm} use "
                          f"{', '.join(a for a, s in ATTACKS.items() if norm in s.norms and s.white_box)}")
     return spec
@@ -127,13 +132,25 @@ for _spec in (
                lambda c: f"APGD-CE, APGD-DLR {c.steps} steps x EOT {c.eot} (batched)" + (
                    ", strongest candidate per example" if c.stochastic else "")),
     AttackSpec("square", 0, False, build_square, lambda c: f"{c.queries} queries"),
+    AttackSpec("pgd-l2", 10, True, lambda m, c: build_pgd(m, replace(c, norm="L2")),
+               lambda c: f"L2 eps {c.eps:.4g}, {c.steps} steps, step 2.5 eps/{c.steps}, random start",
+               threat="L2"),
+    AttackSpec("deepfool", 50, True, build_deepfool,
+               lambda c: f"unbounded (minimal L2), {c.steps} steps, overshoot 0.02", threat="unbounded"),
+    AttackSpec("cw-l2", 100, True, build_cw_l2,
+               lambda c: f"unbounded (minimal L2), {c.steps} Adam steps, c 1, kappa 0, lr 0.01", threat="unbounded"),
 ):
     register_attack(_spec)
 
 
 __all__ = ["ATTACKS", "BPDA", "EOTPGD", "EPS_PRESETS", "NORMS", "AttackContext", "AttackSpec", "Composed",
            "DiffHammer", "Strongest", "build_attack", "check_attack", "check_loss", "check_norm", "large_eps", "margin_loss", "preset_eps",
-           "register_attack"]
+           "register_attack", "within_threat"]
+
+
+def within_threat(name: str, norm: str) -> bool:
+    """Whether an attack attacks the run's threat model (norm and epsilon), so that its figure bounds it."""
+    return ATTACKS[name].threat in (None, norm)
 
 
 def build_attack(name: str, model: nn.Module, norm: str, eps: float, *, n_classes: int, seed: int = 0,
@@ -142,5 +159,6 @@ def build_attack(name: str, model: nn.Module, norm: str, eps: float, *, n_classe
     """The named attack on `model` ([0, 1] in, logits out): a callable (x, y) -> x_adv or (x_adv, source)."""
     spec = check_attack(name, norm)
     check_loss(name, loss)
+    norm = spec.threat if spec.threat in NORMS else norm
     ctx = AttackContext(norm, eps, steps or spec.steps, n_classes, seed, eot, queries, stochastic, loss, eot_batch)
     return spec.build(model, ctx)
