@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, fields
 
 from core.errors import InputError
 
+from .attacks import ATTACKS, AttackContext, check_attack, check_loss
+
 
 @dataclass(frozen=True)
 class Budget:
@@ -47,3 +49,35 @@ def with_changes(budget: Budget, changes: dict, where: str = "a budget") -> Budg
     if unknown:
         raise InputError(f"unknown key(s) {', '.join(unknown)} in {where}; valid: {', '.join(BUDGET_KEYS)}")
     return from_dict(Budget, {**to_dict(budget), **changes})
+
+
+def check_budget(b: Budget, norm: str) -> None:
+    """Everything about a budget that can be wrong under a threat model, before any work."""
+    for a in b.attacks:
+        check_attack(a, norm)
+        own = ATTACKS[a].threat
+        if own not in (None, "unbounded", norm) and a not in b.attack_eps:
+            raise InputError(f"{a} attacks under {own} in a {norm} run: give its epsilon as budget attack_eps: "
+                             f"{{{a}: EPS}}")
+    unknown = sorted((set(b.steps) | set(b.losses) | set(b.attack_eps)) - set(ATTACKS))
+    if unknown:
+        raise InputError(f"steps, losses or attack_eps given for unknown attack(s) {', '.join(unknown)}; known: "
+                         f"{', '.join(ATTACKS)}")
+    for a, loss in b.losses.items():
+        check_loss(a, loss)
+    if any(not v > 0 for v in b.attack_eps.values()):
+        raise InputError(f"attack_eps must be positive, got {b.attack_eps}")
+    if b.eot_batch is not None and b.eot_batch < 1:
+        raise InputError(f"eot_batch must be at least 1 (or None: all EOT copies at once), got {b.eot_batch}")
+    if b.evals < 1:
+        raise InputError(f"evals must be at least 1, got {b.evals}")
+
+
+def budgets(attacks, b: Budget, norm: str, eps: float, eot: int, n_classes: int, stochastic: bool) -> dict:
+    """What each attack was allowed, in words a reader can check."""
+    def ctx(a):
+        own = ATTACKS[a].threat
+        return AttackContext(own if own in ("Linf", "L2") else norm, b.attack_eps.get(a, eps), b.steps.get(a) or ATTACKS[a].steps,
+                             n_classes, b.seed, eot, b.queries, stochastic, b.losses.get(a))
+
+    return {a: ATTACKS[a].budget(ctx(a)) for a in attacks}

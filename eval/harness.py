@@ -21,8 +21,8 @@ from core.errors import InputError
 from core.io import append_jsonl, atomic_save_tensors, module_digest, read_jsonl, tensor_digest
 from core.runs import make_accelerator, same_or_fail
 
-from .attacks import ATTACKS, AttackContext, build_attack, check_attack, check_loss, large_eps, preset_eps, within_threat
-from .budget import Budget, with_changes
+from .attacks import ATTACKS, build_attack, large_eps, preset_eps, within_threat
+from .budget import Budget, budgets, check_budget, with_changes
 from .checks import APPROXIMATIONS, accuracy_checks, flag, flips, gradient_probe, seed_checks
 from .defended import Defended
 from .memory import checkpoint_share
@@ -169,24 +169,10 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks=None, *
     norm = norm or "Linf"
     grad_checkpoint = "auto" if grad_checkpoint is None else grad_checkpoint
     eps = eps if eps is not None else preset_eps(dataset or "", norm)
-    for a in b.attacks:
-        check_attack(a, norm)
-        own = ATTACKS[a].threat
-        if own not in (None, "unbounded", norm) and a not in b.attack_eps:
-            raise InputError(f"{a} attacks under {own} in a {norm} run: give its epsilon as budget attack_eps: {{{a}: EPS}}")
-    unknown = sorted((set(b.steps) | set(b.losses) | set(b.attack_eps)) - set(ATTACKS))
-    if unknown:
-        raise InputError(f"steps, losses or attack_eps given for unknown attack(s) {', '.join(unknown)}; known: "
-                         f"{', '.join(ATTACKS)}")
-    for a, loss in b.losses.items():
-        check_loss(a, loss)
-    if b.eot_batch is not None and b.eot_batch < 1:
-        raise InputError(f"eot_batch must be at least 1 (or None: all EOT copies at once), got {b.eot_batch}")
+    check_budget(b, norm)
     if "transfer" in b.attacks and transfer_source is None:
         raise InputError("the transfer attack needs transfer_source (the defense to craft the examples on)")
     x, y = check_batch(x, y)
-    if b.evals < 1:
-        raise InputError(f"evals must be at least 1, got {b.evals}")
     acc = accelerator or make_accelerator()
     device = acc.device
     model = model.to(device).eval().requires_grad_(False)
@@ -297,16 +283,6 @@ def gather_all(acc, rec) -> list:
     from accelerate.utils import gather_object
 
     return gather_object([rec])
-
-
-def budgets(attacks, b: Budget, norm: str, eps: float, eot: int, n_classes: int, stochastic: bool) -> dict:
-    """What each attack was allowed, in words a reader can check."""
-    def ctx(a):
-        own = ATTACKS[a].threat
-        return AttackContext(own if own in ("Linf", "L2") else norm, b.attack_eps.get(a, eps), b.steps.get(a) or ATTACKS[a].steps,
-                             n_classes, b.seed, eot, b.queries, stochastic, b.losses.get(a))
-
-    return {a: ATTACKS[a].budget(ctx(a)) for a in attacks}
 
 
 def paired_against(mats: dict, exact: str, others) -> dict:

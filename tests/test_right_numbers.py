@@ -14,6 +14,7 @@ from core.datasets import load_dataset, to_tensors
 from eval import Defended, evaluate
 from eval.attacks import ATTACKS, build_attack
 from eval.checks import accuracy_checks
+from eval.budget import Budget
 from eval.harness import Job, summarize
 from purify import ConsistencyStudent, DiffPure, ProgressiveStudent, Purifier, load_purifier
 
@@ -66,12 +67,18 @@ def test_every_attack_gives_the_same_result_on_a_permuted_batch_and_a_channels_l
     assert not permuted(x).is_contiguous()
     bare = [a for a, s in ATTACKS.items() if not s.needs_purifier and a != "transfer"]
     kw = dict(eps=0.1, steps=FEW, queries=30, check_steps=False, progress=None)
-    ref = evaluate(Defended(None, clf), x, y, bare, **kw)
-    on_hwc = evaluate(Defended(None, clf), permuted(x), y, bare, **kw)
-    channels_last = evaluate(Defended(None, clf.to(memory_format=torch.channels_last)), x, y, bare, **kw)
+    ref = evaluate(Defended(None, clf), x, y, bare, budget=Budget(attack_eps={"pgd-l2": 1.0}), **kw)
+    on_hwc = evaluate(Defended(None, clf), permuted(x), y, bare, budget=Budget(attack_eps={"pgd-l2": 1.0}), **kw)
+    channels_last = evaluate(Defended(None, clf.to(memory_format=torch.channels_last)), x, y, bare,
+                             budget=Budget(attack_eps={"pgd-l2": 1.0}), **kw)
     for a in bare:
         assert on_hwc["per_example"][a] == ref["per_example"][a], a
-        assert channels_last["per_example"][a] == ref["per_example"][a], a
+        if ATTACKS[a].threat == "unbounded":  # its points sit on the boundary: a kernel's last bit flips some
+            for r in (on_hwc, channels_last):
+                assert r["attacks"][a]["median_l2"] == pytest.approx(ref["attacks"][a]["median_l2"], rel=1e-3), a
+                assert r["attacks"][a]["average"] == pytest.approx(ref["attacks"][a]["average"], abs=0.05), a
+        else:
+            assert channels_last["per_example"][a] == ref["per_example"][a], a
     stochastic = ["pgd-eot", "bpda-eot", "transfer", "autoattack-rand"]
     kw.update(eot=1, transfer_source=Defended(Noise(), clf))
     ref = evaluate(Defended(Noise(), clf), x, y, stochastic, **kw)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from core.errors import InputError
@@ -39,3 +40,25 @@ def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     true = logits.gather(1, y[:, None]).squeeze(1)
     wrong = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), -float("inf")).amax(1)
     return wrong - true
+
+
+class _Contiguous(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.contiguous()
+
+
+class ContiguousGrad(nn.Module):
+    """The model, with the input gradient handed back in the standard layout: a channels-last model's gradient is
+    channels-last, and torchattacks' PGD-L2 (and DeepFool, CW) `.view` it, which fails on such strides."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(_Contiguous.apply(x))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torchattacks
 
-from .base import AttackContext
+from .base import AttackContext, ContiguousGrad
 
 
 class _Contiguous:
@@ -24,9 +24,9 @@ class _Contiguous:
 
 def build_deepfool(model, ctx: AttackContext, overshoot: float = 0.02):
     """DeepFool, `ctx.steps` linearisations (BEARD: 50), overshoot 0.02 (torchattacks' and BEARD's)."""
-    return _Contiguous(torchattacks.DeepFool(model, steps=ctx.steps, overshoot=overshoot))
+    return _Contiguous(torchattacks.DeepFool(ContiguousGrad(model), steps=ctx.steps, overshoot=overshoot))
 
 
 def build_cw_l2(model, ctx: AttackContext, c: float = 1.0, kappa: float = 0.0, lr: float = 0.01):
     """Carlini-Wagner L2, `ctx.steps` Adam steps (BEARD: 100) at c 1, kappa 0, lr 0.01 (BEARD's settings)."""
-    return _Contiguous(torchattacks.CW(model, c=c, kappa=kappa, steps=ctx.steps, lr=lr))
+    return _Contiguous(torchattacks.CW(ContiguousGrad(model), c=c, kappa=kappa, steps=ctx.steps, lr=lr))

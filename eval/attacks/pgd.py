@@ -13,7 +13,7 @@ from torchattacks.attack import Attack
 from core.errors import InputError
 
 from ..defended import Defended
-from .base import AttackContext, check_norm, margin_loss
+from .base import AttackContext, ContiguousGrad, check_norm, margin_loss
 
 LOSSES = ("ce", "margin", "dlr")
 SCHEDULES = ("constant", "apgd")
@@ -179,7 +179,7 @@ class BPDA(nn.Module):
 
 def build_pgd(model, ctx: AttackContext):
     cls = torchattacks.PGD if ctx.norm == "Linf" else torchattacks.PGDL2
-    return cls(model, eps=ctx.eps, alpha=2.5 * ctx.eps / ctx.steps, steps=ctx.steps, random_start=True)
+    return cls(ContiguousGrad(model), eps=ctx.eps, alpha=2.5 * ctx.eps / ctx.steps, steps=ctx.steps, random_start=True)
 
 
 def build_eotpgd(model, ctx: AttackContext, loss: str = "ce", schedule: str = "constant"):
