@@ -56,6 +56,9 @@ def check_budget(b: Budget, norm: str) -> None:
     for a in b.attacks:
         check_attack(a, norm)
         own = ATTACKS[a].threat
+        if a in b.attack_eps and own in (None, norm):
+            raise InputError(f"attack_eps is for attacks under another norm than the run's; {a} attacks the run's "
+                             f"threat model ({norm}, eps from the run)")
         if own not in (None, "unbounded", norm) and a not in b.attack_eps:
             raise InputError(f"{a} attacks under {own} in a {norm} run: give its epsilon as budget attack_eps: "
                              f"{{{a}: EPS}}")

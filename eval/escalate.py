@@ -15,9 +15,9 @@ from .matched import on_examples, subset_positions
 
 
 def _worst_all(result: dict, positions: list[int] | None = None) -> list[bool]:
-    """Per example: correct clean and under every attack in every evaluation."""
+    """Per example: correct clean and under every attack of the threat model in every evaluation."""
     pe = result["per_example"]
-    keys = ["clean", *result["attacks"]]
+    keys = ["clean", *(a for a in result["attacks"] if a not in result.get("beside_threat", []))]
     idx = range(len(pe["label"])) if positions is None else positions
     return [all(all(pe[k][i]) for k in keys) for i in idx]
 

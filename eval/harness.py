@@ -107,7 +107,8 @@ class _Runner:
                                 self.samples_dir / f"{job.key.replace('/', '_')}.safetensors")
         rec = {"key": job.key, "batch": batch, "correct": correct, "seconds": time.perf_counter() - t0}
         if job.attack is not None and ATTACKS[job.attack].threat == "unbounded":  # how far it had to go
-            rec["l2"] = (x_adv.detach() - x).flatten(1).norm(dim=1).tolist()
+            dist = (x_adv.detach() - x).flatten(1).norm(dim=1)  # a failed point counts as infinitely far
+            rec["l2"] = torch.where(torch.tensor(correct, device=dist.device), float("inf"), dist).tolist()
         if broken is not None:
             rec["broken_by"] = broken
         return rec

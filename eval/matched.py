@@ -51,7 +51,8 @@ def on_examples(result: dict, positions: list[int]) -> dict:
     pe = result["per_example"]
     mats = {k: torch.tensor([pe[k][i] for i in positions], dtype=torch.bool).T for k in ["clean", *result["attacks"]]}
     out = {k: accuracy_stats(m) for k, m in mats.items()}
-    out["all attacks"] = accuracy_stats(torch.stack(list(mats.values())).all(0).all(0, keepdim=True))
+    inside = [m for k, m in mats.items() if k not in result.get("beside_threat", [])]  # the threat model's
+    out["all attacks"] = accuracy_stats(torch.stack(inside).all(0).all(0, keepdim=True))
     return out
 
 

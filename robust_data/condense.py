@@ -107,7 +107,8 @@ def dsa_augment(x: torch.Tensor, p: dict) -> torch.Tensor:
         return torch.where(col(p["flip"]).bool(), x.flip(-1), x)
     if f == "cutout":
         ys, xs = torch.arange(h, device=x.device).view(1, h, 1), torch.arange(w, device=x.device).view(1, 1, w)
-        cy, cx = (p["cutout"][:, 0] * h).long().view(n, 1, 1), (p["cutout"][:, 1] * w).long().view(n, 1, 1)
+        c = p["cutout"].to(x.device)
+        cy, cx = (c[:, 0] * h).long().view(n, 1, 1), (c[:, 1] * w).long().view(n, 1, 1)
         hole = ((ys - cy).abs() < (h + 1) // 4) & ((xs - cx).abs() < (w + 1) // 4)
         return x * (~hole).to(x).unsqueeze(1)
     theta = torch.zeros(n, 2, 3)

@@ -54,7 +54,7 @@ class TrainConfig(LoopConfig):
     momentum: float = 0.9
     lr_schedule: str = "cosine"  # or "step": the rate / 10 at the midpoint (DC's evaluate_synset)
     augment: str = "crops"  # random resized crops + flips, or "dsa": DSA's per-example augmentation (hard / online)
-    epoch_batches: bool = False  # a batch never spans two epochs (min(batch_size, images)), as DC's DataLoader
+    epoch_batches: bool = False  # batches tile each epoch (DC's DataLoader's step count; batch <= batch_size)
     checkpoint_every: int = 500
     log_every: int = 50
     eval_batch_size: int = 512
@@ -78,6 +78,11 @@ def check(cfg: TrainConfig) -> None:
                          "crops")
 
 
+def dsa_pixels(x: torch.Tensor, p: dict, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """A DSA draw on [0, 1] pixels, applied in normalised units as DC's evaluation applies it."""
+    return dsa_augment((x - mean) / std, p) * std + mean
+
+
 def step_schedule(opt, total: int):
     """DC's evaluate_synset: the rate times 0.1 from the middle of training on."""
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 if s >= total // 2 else 1.0)
@@ -89,8 +94,8 @@ def train_distilled(cfg: TrainConfig, out: str | Path, resume: bool = False) -> 
         raise InputError("train needs distilled: the recover stage's folder")
     check(cfg)
     images, labels, meta = load_distilled(cfg.distilled)
-    if cfg.epoch_batches:
-        cfg = replace(cfg, batch_size=min(cfg.batch_size, len(labels)))
+    if cfg.epoch_batches:  # equal batches that tile each epoch: ceil(images / batch_size) steps per epoch
+        cfg = replace(cfg, batch_size=math.ceil(len(labels) / math.ceil(len(labels) / cfg.batch_size)))
     online, hard = cfg.soft_labels == "online", cfg.soft_labels == "hard"
     if hard:
         stored, n_sets = None, cfg.online_epochs
@@ -133,19 +138,15 @@ def train_distilled(cfg: TrainConfig, out: str | Path, resume: bool = False) -> 
         teacher = teacher.to(acc.device)
     micro = {"i": step * cfg.grad_accum}
     crop_cache: dict[int, torch.Tensor] = {}
-    mean, std = (torch.tensor(v, device=acc.device).view(1, -1, 1, 1) for v in (info.mean, info.std))
-
-    def dsa(x, g):
-        """DSA on normalised pixels, as DC's evaluation applies it; a CPU generator drawn from the step's."""
-        cpu = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=g, device=g.device)))
-        return dsa_augment((x - mean) / std, dsa_params(len(x), cpu, shared=False)) * std + mean
+    norm = tuple(torch.tensor(v, device=acc.device).view(1, -1, 1, 1) for v in (info.mean, info.std))
 
     def loss_fn(model, idx, y, g):
         epoch = micro["i"] * cfg.batch_size * acc.num_processes // len(labels)
         micro["i"] += 1
         e = epoch % n_sets
-        if cfg.augment == "dsa":
-            x = dsa(images[idx], g)
+        if cfg.augment == "dsa":  # a CPU generator drawn from the step's
+            cpu = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=g, device=g.device)))
+            x = dsa_pixels(images[idx], dsa_params(len(idx), cpu, shared=False), *norm)
         elif online or hard:
             if e not in crop_cache:
                 crop_cache.clear()

@@ -288,8 +288,24 @@ def test_benchmark_training_keys_give_dcs_schedule_on_hard_labels_with_dsa(tmp_p
     meta = json.loads((tmp_path / "t" / "train.json").read_text())
     assert meta["train_steps"] == 8 and meta["batch_size"] == 20  # 20 images: one batch of 20 per epoch
     assert (meta["optimizer"], meta["lr_schedule"], meta["augment"]) == ("sgd", "step", "dsa")
-    lrs = [r["lr"] for r in read_jsonl(tmp_path / "t" / "log.jsonl") if "lr" in r]
-    assert lrs[0] == pytest.approx(0.01) and lrs[-1] == pytest.approx(0.001)
+    lrs = [r["lr"] for r in read_jsonl(tmp_path / "t" / "log.jsonl") if "lr" in r]  # logged after each step
+    assert lrs == pytest.approx([0.01] * 3 + [0.001] * 5)
+    cfg = load_config(TrainConfig, "configs/cifar10/dd-benchmark/train.yaml",
+                      ["dataset=digits", f"distilled={tmp_path / 'd'}", "epochs=2", "width=8", "batch_size=8"])
+    train_distilled(cfg, tmp_path / "t8")  # 20 images, batches of at most 8: three of 7 tile an epoch
+    meta = json.loads((tmp_path / "t8" / "train.json").read_text())
+    assert meta["train_steps"] == 6 and meta["batch_size"] == 7
+
+
+def test_dsa_cuts_out_in_normalised_units_as_dc_evaluates():
+    """A cutout hole is 0 in normalised units: the dataset's mean pixel, not black."""
+    from robust_data.train import dsa_pixels
+
+    mean, std = torch.tensor([0.4, 0.5, 0.6]).view(1, 3, 1, 1), torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1)
+    x = torch.ones(2, 3, 8, 8)
+    out = dsa_pixels(x, {"family": "cutout", "cutout": torch.tensor([[0.5, 0.5], [0.0, 0.0]])}, mean, std)
+    assert torch.allclose(out[0, :, 4, 4], mean.flatten()) and torch.allclose(out[1, :, 0, 0], mean.flatten())
+    assert torch.equal(out[:, :, 7, 7], torch.ones(2, 3))  # outside both holes: unchanged
 
 
 def test_dsa_training_changes_what_the_network_sees_and_bad_choices_are_named(tmp_path):

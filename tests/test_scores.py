@@ -52,6 +52,14 @@ def test_deepfool_finds_the_linear_boundary_and_stays_beside_the_threat_model():
     assert r["attacks"]["pgd"]["average"] == 1.0  # eps 0.01 is far below 0.21
     assert r["worst_over_attacks"] == 1.0  # the unbounded attacks are reported beside, not inside, the threat model
     assert set(r["beside_threat"]) == {"deepfool", "cw-l2"}
+    from eval.escalate import _worst_all
+    from eval.matched import on_examples
+
+    assert _worst_all(r) == [True, True] and on_examples(r, [0, 1])["all attacks"]["worst"] == 1.0
+    r = evaluate(Linear(), x, y, ["cw-l2"], norm="Linf", eps=0.01, check_steps=False, progress=None,
+                 steps={"cw-l2": 1})  # one Adam step of 0.01 cannot cross 0.21: CW hands back the clean image
+    assert r["attacks"]["cw-l2"]["average"] == 1.0
+    assert r["attacks"]["cw-l2"]["median_l2"] == float("inf")  # not 0: it never got there
 
 
 def test_an_attack_with_its_own_norm_takes_its_own_epsilon():
@@ -59,6 +67,10 @@ def test_an_attack_with_its_own_norm_takes_its_own_epsilon():
     y = torch.tensor([0])
     with pytest.raises(InputError, match="pgd-l2.*eps"):
         evaluate(Linear(), x, y, ["pgd", "pgd-l2"], norm="Linf", eps=0.01, progress=None)
+    from eval.budget import Budget
+
+    with pytest.raises(InputError, match="attack_eps is for attacks under another norm"):
+        evaluate(Linear(), x, y, budget=Budget(attacks=["pgd"], attack_eps={"pgd": 0.5}), eps=0.01, progress=None)
     from eval.budget import Budget
 
     r = evaluate(Linear(), x, y, budget=Budget(attacks=["pgd", "pgd-l2"], attack_eps={"pgd-l2": 0.5}, check_steps=False),
