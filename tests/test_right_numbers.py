@@ -13,8 +13,8 @@ import torch.nn as nn
 from core.datasets import load_dataset, to_tensors
 from eval import Defended, evaluate
 from eval.attacks import ATTACKS, build_attack
-from eval.checks import accuracy_checks
 from eval.budget import Budget
+from eval.checks import accuracy_checks
 from eval.harness import Job, summarize
 from purify import ConsistencyStudent, DiffPure, ProgressiveStudent, Purifier, load_purifier
 
