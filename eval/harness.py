@@ -343,8 +343,8 @@ def summarize(names, R, jobs, records, y, n, batch_size, stochastic, chance, tol
         broken = [v for r in range(R) for v in collect(f"{name}/{r}", "broken_by")]
         if broken:
             attacks[name]["broken_by"] = {k: broken.count(k) / (R * n) for k in dict.fromkeys(broken) if k}
-        dist = [v for r in range(R) for v in collect(f"{name}/{r}", "l2")]
-        if dist:  # a minimal-perturbation attack: the median L2 distance to its points (0 where clean was wrong)
+        dist = [d for r in range(R) for d, ok in zip(collect(f"{name}/{r}", "l2"), clean_m[r].tolist()) if ok]
+        if dist:  # a minimal-perturbation attack: the median L2 distance it needed, over the examples clean got right
             attacks[name]["median_l2"] = torch.tensor(dist).median().item()
     sweep = [{"eps": j.eps, "accuracy": sum(c) / len(c), "examples": len(c)}
              for j in jobs if j.key.startswith("sweep/") for c in [collect(j.key)]]
