@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields
 
 from core.errors import InputError
 
-from .attacks import ATTACKS, AttackContext, check_attack, check_loss
+from .attacks import ATTACKS, AttackContext, attack_norm, check_attack, check_loss
 
 
 @dataclass(frozen=True)
@@ -79,8 +79,7 @@ def check_budget(b: Budget, norm: str) -> None:
 def budgets(attacks, b: Budget, norm: str, eps: float, eot: int, n_classes: int, stochastic: bool) -> dict:
     """What each attack was allowed, in words a reader can check."""
     def ctx(a):
-        own = ATTACKS[a].threat
-        return AttackContext(own if own in ("Linf", "L2") else norm, b.attack_eps.get(a, eps), b.steps.get(a) or ATTACKS[a].steps,
+        return AttackContext(attack_norm(a, norm), b.attack_eps.get(a, eps), b.steps.get(a) or ATTACKS[a].steps,
                              n_classes, b.seed, eot, b.queries, stochastic, b.losses.get(a))
 
     return {a: ATTACKS[a].budget(ctx(a)) for a in attacks}

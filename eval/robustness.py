@@ -115,7 +115,7 @@ def scored(scores: list, attacks: list) -> list:
 
 
 def _scores(cfg: EvalConfig, r: dict) -> dict | None:
-    names = [a for a in scored(cfg.scores, list(r["attacks"]))]
+    names = scored(cfg.scores, list(r["attacks"]))
     if len(names) < 2:
         return None
     return bench_scores(r["clean"]["average"], {a: r["attacks"][a]["average"] for a in names},

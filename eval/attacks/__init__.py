@@ -145,7 +145,13 @@ for _spec in (
 
 __all__ = ["ATTACKS", "BPDA", "EOTPGD", "EPS_PRESETS", "NORMS", "AttackContext", "AttackSpec", "Composed",
            "DiffHammer", "Strongest", "build_attack", "check_attack", "check_loss", "check_norm", "large_eps", "margin_loss", "preset_eps",
-           "register_attack", "within_threat"]
+           "register_attack", "attack_norm", "within_threat"]
+
+
+def attack_norm(name: str, norm: str) -> str:
+    """The norm an attack crafts under: its own (`AttackSpec.threat` "L2" / "Linf"), else the run's."""
+    own = ATTACKS[name].threat
+    return own if own in NORMS else norm
 
 
 def within_threat(name: str, norm: str) -> bool:
@@ -159,6 +165,6 @@ def build_attack(name: str, model: nn.Module, norm: str, eps: float, *, n_classe
     """The named attack on `model` ([0, 1] in, logits out): a callable (x, y) -> x_adv or (x_adv, source)."""
     spec = check_attack(name, norm)
     check_loss(name, loss)
-    norm = spec.threat if spec.threat in NORMS else norm
+    norm = attack_norm(name, norm)
     ctx = AttackContext(norm, eps, steps or spec.steps, n_classes, seed, eot, queries, stochastic, loss, eot_batch)
     return spec.build(model, ctx)
