@@ -14,6 +14,7 @@ from core.io import atomic_write_json
 from core.runs import open_run
 from core.training import ema_update, fit, make_ema, make_optimizer
 from purify import ConsistencyDenoiser, ConsistencyStudent, UNetDenoiser, load_purifier
+from purify.denoisers import channels_last_on_cpu
 from purify.samplers import ddim_step, heun_step
 from purify.students import sample_consistency
 
@@ -89,7 +90,7 @@ def train_consistency(cfg: ConsistencyConfig, teacher_dir: str | Path, out: str 
 
     teacher = teacher_p.x0_net.to(acc.device).eval().requires_grad_(False)
     scalings = {"t_min": cfg.t_min, "sigma_data": cfg.sigma_data, "timestep_scaling": cfg.timestep_scaling}
-    unet = copy.deepcopy(teacher_p.unet).requires_grad_(True)
+    unet = channels_last_on_cpu(copy.deepcopy(teacher_p.unet), acc.device).requires_grad_(True)  # before DDP
     ema, target = make_ema(unet), make_ema(unet)
     opt, lr_sched = make_optimizer(cfg, unet.parameters())
     step = run.resume({"student": unet, "ema": ema, "target": target}, opt, lr_sched)

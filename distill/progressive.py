@@ -16,6 +16,7 @@ from core.io import atomic_write_json, read_json
 from core.runs import load_train_state, open_run
 from core.training import ema_update, fit, make_ema, make_optimizer
 from purify import ProgressiveStudent, UNetDenoiser, load_purifier
+from purify.denoisers import channels_last_on_cpu
 from purify.samplers import ddim_step, sample_ode
 
 from .loop import StudentBatch, StudentConfig, check_adversarial, k_step_purify, peak_memory_mb, student_dir, student_loss
@@ -106,7 +107,7 @@ def train_progressive(cfg: ProgressiveConfig, teacher_dir: str | Path, out: str 
             continue  # this round finished before the resume
         prev = teacher_p if r == 0 else load_purifier(student_dir(out, plan[r - 1]))
         teacher = prev.x0_net.to(acc.device).eval().requires_grad_(False)
-        unet = copy.deepcopy(prev.unet).requires_grad_(True)
+        unet = channels_last_on_cpu(copy.deepcopy(prev.unet), acc.device).requires_grad_(True)  # before DDP
         ema = make_ema(unet)
         opt, lr_sched = make_optimizer(cfg, unet.parameters())
         if ckpt is not None and step > r * spr:

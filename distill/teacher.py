@@ -17,7 +17,7 @@ from core.runs import open_run
 from core.training import LoopConfig, ema_update, fit, make_ema, make_optimizer
 from core.zoo import is_named
 from purify import DiffPure, VPSchedule
-from purify.denoisers import PREDICTION_TYPES
+from purify.denoisers import PREDICTION_TYPES, channels_last_on_cpu, cpu_layout
 from purify.schedule import VARIANCE_TYPES
 
 
@@ -120,7 +120,7 @@ def ddpm_loss(unet, x0, schedule: VPSchedule, k_max: int, prediction_type: str, 
     noise = torch.randn(x0.shape, generator=g, device=g.device).to(x0)
     x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
     target = {"epsilon": noise, "v_prediction": ab.sqrt() * noise - (1 - ab).sqrt() * x0, "sample": x0}
-    out = unet(x_t, k).sample
+    out = unet(cpu_layout(unet, x_t), k).sample
     return F.mse_loss(out.float(), target[prediction_type].float())
 
 
@@ -156,7 +156,7 @@ def train_teacher(cfg: TeacherConfig, out: str | Path, resume: bool = False) -> 
     k_max = max(1, math.ceil(cfg.t_max * schedule.T))
 
     torch.manual_seed(cfg.seed)  # weight init only; the loop uses step-seeded generators
-    unet = build_unet(cfg.unet, info.channels, info.image_size)
+    unet = channels_last_on_cpu(build_unet(cfg.unet, info.channels, info.image_size), acc.device)  # before DDP
     ema = make_ema(unet)
     opt, lr_sched = make_optimizer(cfg, unet.parameters())
     step = run.resume({"unet": unet, "ema": ema}, opt, lr_sched)

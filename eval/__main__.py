@@ -58,7 +58,8 @@ def main(argv=None):
     lat.add_argument("--repeats", type=int, default=10)
     lat.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     lat.add_argument("--autocast", choices=["bf16", "fp16"], default=None, help="also time under autocast")
-    lat.add_argument("--channels-last", action="store_true", help="also time with channels_last tensors")
+    lat.add_argument("--channels-last", action="store_true",
+                     help="also time with channels_last tensors and models (on the CPU the UNets always are)")
     lat.add_argument("--compile", action="store_true", help="also time a torch.compile'd module")
     lat.add_argument("--gradient-eot", type=int, default=0, metavar="EOT",
                      help="also time one PGD-EOT gradient at this EOT (needs --classifier): the attack's step cost")

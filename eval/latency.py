@@ -6,6 +6,7 @@ speed-up (autocast, channels_last, torch.compile) is measured as its own row bes
 from __future__ import annotations
 
 import contextlib
+import copy
 import statistics
 import time
 from pathlib import Path
@@ -126,13 +127,12 @@ def benchmark(purifiers: dict, classifier=None, batch_sizes=(1, 64), warmup: int
         pur = purifiers[label].to(device).manual_seed(seed)
         module = Defended(pur, classifier.to(device)) if with_clf else pur
         x = torch.rand(b, pur.channels, *pur.image_size, generator=torch.Generator().manual_seed(seed)).to(device)
-        if v.get("channels_last"):
-            module, x = module.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        if v.get("channels_last"):  # on a copy: the rows after it time the models as they were
+            module = copy.deepcopy(module).to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
         if v.get("compile"):
             module = torch.compile(module)
         r = time_module(module, x, warmup, repeats, v.get("autocast"))
-        if v.get("channels_last"):
-            module.to(memory_format=torch.contiguous_format)
         rows.append(_row(v["name"], device, label, with_clf, b, pur.nfe, r, torch.get_num_threads()))
     for label in purifiers if gradient_eot else []:
         pur = purifiers[label].to(device).manual_seed(seed)

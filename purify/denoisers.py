@@ -31,6 +31,24 @@ def eps_from_x0(x0, x_t, alpha_bar):
     return (x_t - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
 
 
+def channels_last_on_cpu(unet: nn.Module, device) -> nn.Module:
+    """`unet` in the channels-last layout when it runs on the CPU (converted once): oneDNN's native layout for
+    convolutions, 5-12% faster on the digits UNet on 2 cores. Elsewhere as it is: GroupNorm on a GPU computes in
+    the contiguous layout, so a channels-last UNet there would convert at every norm (not timed here)."""
+    if torch.device(device).type == "cpu" and not getattr(unet, "_channels_last", False):
+        unet.to(memory_format=torch.channels_last)
+        unet._channels_last = True
+    return unet
+
+
+def cpu_layout(unet: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x in the layout `unet` runs in (`channels_last_on_cpu`)."""
+    if x.device.type != "cpu" or x.dim() != 4:
+        return x
+    channels_last_on_cpu(unet, x.device)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 class UNetDenoiser(nn.Module):
     """denoise(x_t, t) for a diffusers UNet2DModel of any prediction type on a VP schedule."""
 
@@ -45,7 +63,7 @@ class UNetDenoiser(nn.Module):
 
     def _denoise(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         ab = self.schedule.alpha_bar(t).to(x_t.dtype).view(-1, 1, 1, 1)
-        out = self.unet(x_t, self.schedule.timestep(t).to(x_t.device)).sample
+        out = self.unet(cpu_layout(self.unet, x_t), self.schedule.timestep(t).to(x_t.device)).sample
         x0 = x0_from_output(out.to(x_t.dtype), x_t, ab, self.prediction_type)
         return x0.clamp(-1, 1) if self.clip_x0 else x0
 

@@ -373,6 +373,36 @@ def test_checkpointed_gradient_through_the_purifier_equals_the_plain_one(clf, da
         purifier.set_grad_checkpoint(1.5)
 
 
+def test_graph_bytes_counts_each_saved_activation_once_and_no_weights():
+    from eval.memory import graph_bytes
+
+    class Toy(nn.Module):  # conv saves its input and its weight; h * h saves h twice
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+
+        def forward(self, x):
+            h = self.conv(x)
+            return h * h
+
+    x1 = torch.rand(1, 1, 16, 16)
+    # the input and h once each: a weight does not grow with the batch, a tensor saved twice is held once
+    assert graph_bytes(Toy(), x1) == (1 + 4) * 16 * 16 * 4
+
+
+def test_available_memory_is_the_tightest_limit_shared_by_the_local_processes(monkeypatch):
+    import eval.memory as memory
+
+    monkeypatch.setattr(memory, "_meminfo_available", lambda: 10 * 2**30)
+    monkeypatch.setattr(memory, "_cgroup_available", lambda: None)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert memory.available_bytes(torch.zeros(1)) == 10 * 2**30
+    monkeypatch.setattr(memory, "_cgroup_available", lambda: 2 * 2**30)  # a container's limit below the host's RAM
+    assert memory.available_bytes(torch.zeros(1)) == 2 * 2**30
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes on this machine plan for half each
+    assert memory.available_bytes(torch.zeros(1)) == 2**30
+
+
 def test_auto_checkpoints_the_share_of_steps_that_memory_asks_for(clf, data, monkeypatch):
     import eval.memory as memory
     from eval.memory import graph_bytes

@@ -280,3 +280,18 @@ def test_consistency_target_network_is_the_ema_of_the_student_at_target_ema(teac
     assert moved  # the student trained, so the student, the target and the evaluation EMA all differ
     assert any(not torch.allclose(w[2, "target"][k], w[2, "student"][k], atol=1e-6) for k in moved)
     assert any(not torch.allclose(w[2, "target"][k], w[2, "ema"][k], atol=1e-6) for k in moved)
+
+
+def test_a_unet_runs_channels_last_on_the_cpu_and_denoises_as_the_contiguous_one():
+    import copy
+
+    schedule = VPSchedule.from_scheduler_config(scheduler_config())
+    unet = tiny_unet(1, 16)
+    plain = copy.deepcopy(unet)
+    x_t, t = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0)), torch.full((4,), 0.05)
+    x0 = UNetDenoiser(unet, schedule)(x_t, t)
+    assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)  # the layout oneDNN runs fastest
+    with torch.no_grad():
+        eps = plain(x_t, schedule.timestep(t)).sample  # the same weights, contiguous, called directly
+    ab = schedule.alpha_bar(t).view(-1, 1, 1, 1)
+    assert torch.allclose(x0, (x_t - (1 - ab).sqrt() * eps) / ab.sqrt(), atol=1e-5)
