@@ -36,7 +36,8 @@ def channels_last_on_cpu(unet: nn.Module, device) -> nn.Module:
     convolutions, 5-12% faster on the digits UNet on 2 cores. Elsewhere as it is: GroupNorm on a GPU computes in
     the contiguous layout, so a channels-last UNet there would convert at every norm (not timed here)."""
     if torch.device(device).type == "cpu" and not getattr(unet, "_channels_last", False):
-        unet.to(memory_format=torch.channels_last)
+        with torch.inference_mode(False):  # weights made under inference mode could never take part in a gradient
+            unet.to(memory_format=torch.channels_last)
         unet._channels_last = True
     return unet
 

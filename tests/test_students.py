@@ -289,8 +289,12 @@ def test_a_unet_runs_channels_last_on_the_cpu_and_denoises_as_the_contiguous_one
     unet = tiny_unet(1, 16)
     plain = copy.deepcopy(unet)
     x_t, t = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0)), torch.full((4,), 0.05)
-    x0 = UNetDenoiser(unet, schedule)(x_t, t)
+    denoiser = UNetDenoiser(unet, schedule)
+    with torch.inference_mode():  # converted on its first call, here under inference mode (certify, latency)
+        x0 = denoiser(x_t, t).clone()
     assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)  # the layout oneDNN runs fastest
+    x_ = x_t.clone().requires_grad_(True)  # and its weights still take part in a gradient afterwards
+    assert torch.autograd.grad(denoiser(x_, t).sum(), x_)[0].abs().sum() > 0
     with torch.no_grad():
         eps = plain(x_t, schedule.timestep(t)).sample  # the same weights, contiguous, called directly
     ab = schedule.alpha_bar(t).view(-1, 1, 1, 1)
