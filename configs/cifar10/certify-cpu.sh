@@ -12,4 +12,4 @@ set -e
 [ -f runs/c10/cd/students/steps-1/purifier.json ] || \
   python -m distill consistency --config configs/cifar10/consistency-cpu.yaml --teacher runs/c10/teacher/purifier \
     --out runs/c10/cd
-python -m eval certify --config configs/cifar10/certify-cpu.yaml --out runs/c10/certify
+python -m eval certify --config configs/cifar10/certify-cpu.yaml --out runs/c10/certify-attack
