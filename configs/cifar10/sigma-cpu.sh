@@ -5,7 +5,8 @@
 # 1 / (1 + 4 sigma^2) on the linear schedule: eval.certify.t_star_for_sigma). The certificates: the command in
 # configs/cifar10/certify-cpu-sigma.yaml.
 set -e
-[ -d runs/c10/teacher/purifier ] || bash configs/cifar10/certify-cpu.sh
+[ -d runs/c10/teacher/purifier ] || \
+  python -m distill teacher --config configs/cifar10/teacher-cpu.yaml --out runs/c10/teacher
 for pair in 0.25:0.14515304559393655 0.5:0.25909277851956947; do
   sigma=${pair%%:*}; t_star=${pair#*:}
   [ -d "runs/c10/clf-noise-$sigma/classifier" ] || python -m robust_data squeeze \
