@@ -304,7 +304,8 @@ def run_certify(cfg: CertifyConfig, out) -> dict:
         results[row["label"]] = {**summarize(records, cfg.radii), "sigma": sigma, "purifier": row["purifier"],
                                  "classifier": row["classifier"], "nfe": getattr(model.purifier, "nfe", 0),
                                  "t_star": getattr(model.purifier, "t_star", None),
-                                 "batch_draws_per_second": batch_throughput(model, x[0].to(acc.device), s.batch)}
+                                 **_batch_summary(model, x[0].to(acc.device), s.batch, folder, bool(todo),
+                                                  acc.is_main_process)}
         if cfg.attack_steps > 0:
             from .smoothed_attack import SmoothedAttack, attack_row
 
@@ -333,6 +334,25 @@ def batch_throughput(model: nn.Module, x: torch.Tensor, batch: int) -> float:
     long = getattr(getattr(model, "purifier", None), "nfe", 0) > 8  # a 100-step teacher: one timed pass is plenty
     xs = x.unsqueeze(0).expand(batch, *x.shape).contiguous()
     return batch / time_module(model, xs, 0 if long else 1, 1 if long else 3)["median_s"]
+
+
+def _batch_summary(model, x, batch, folder: Path, certified_now: bool, write: bool) -> dict:
+    rate, same = _batch_rate(model, x, batch, folder / "batch_rate.json", certified_now, write)
+    return {"batch_draws_per_second": rate, "batch_rate_same_session": same}
+
+
+def _batch_rate(model: nn.Module, x: torch.Tensor, batch: int, stored: Path, certified_now: bool,
+                write: bool) -> tuple[float, bool]:
+    """(draws / s of one plain batch, whether timed in the session that certified the records): timed and stored
+    when this run certified examples, else the stored figure; timed anew (and so not comparable) without one."""
+    from core.io import atomic_write_json, read_json
+
+    if not certified_now and stored.is_file() and read_json(stored).get("batch") == batch:
+        return float(read_json(stored)["draws_per_second"]), True
+    rate = batch_throughput(model, x, batch)
+    if certified_now and write:
+        atomic_write_json(stored, {"batch": batch, "draws_per_second": rate})
+    return rate, certified_now
 
 
 def _reseed(model, seed: int) -> None:

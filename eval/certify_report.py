@@ -38,6 +38,11 @@ def render(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _of_batch(r: dict) -> str:
+    mark = "" if r.get("batch_rate_same_session", True) else " †"
+    return f"{100 * r['draws_per_second'] / r['batch_draws_per_second']:.0f}%{mark}"
+
+
 def body(report: dict, level: str = "##", folder: str = "") -> list[str]:
     """The report's text below its title: the table, the attack beside it, the plot (for embedding elsewhere)."""
     res = report["defenses"]
@@ -49,7 +54,9 @@ def body(report: dict, level: str = "##", folder: str = "") -> list[str]:
              "(correct and certified at least that radius, [0, 1] pixels); ACR: average certified radius. A "
              "certificate is a lower bound on the accuracy any L2 attacker of that radius can leave. Draws / s: "
              "purifications per second while certifying; of batch rate: that against one plain forward pass of "
-             f"{report.get('batch', 'a batch of')} draws, timed alone. With N draws no radius can exceed sigma "
+             f"{report.get('batch', 'a batch of')} draws, timed alone in the session that certified the row (marked "
+             "† where the records came from an earlier run that kept no timing: then not comparable). With N draws no "
+             "radius can exceed sigma "
              f"Phi^-1(alpha^(1/N)) = {ceiling(report['n'], report['alpha']):.2f} sigma (r max below).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, r in res.items():
@@ -60,7 +67,7 @@ def body(report: dict, level: str = "##", folder: str = "") -> list[str]:
                                         f"{r['acr']:.3f}",
                                         f"{100 * r['abstain']:.1f}%", f"{r['seconds_per_image']:.2f}",
                                         f"{r['draws_per_second']:.0f}",
-                                        f"{100 * r['draws_per_second'] / r['batch_draws_per_second']:.0f}%"]) + " |")
+                                        _of_batch(r)]) + " |")
     if report.get("attack"):
         a = report["attack"]
         lines += ["", f"{level} The attack beside the certificate", "",

@@ -75,7 +75,7 @@ def attack_row(acc, model: Defended, x: torch.Tensor, y: torch.Tensor, records: 
                radii, seed: int, n_classes: int, draw_batch: int, label: str = "") -> dict:
     """Attack one certified defense at every radius > 0 where some example is certified (elsewhere there is no
     certificate to test); FOLDER/r-<radius>.json per radius (resumed), the comparison returned."""
-    from core.io import atomic_write_json, read_json
+    from core.io import append_jsonl, atomic_write_json, read_json, read_jsonl
     from core.runs import same_or_fail
 
     from .certify import Smoothing, _reseed, predict
@@ -97,19 +97,26 @@ def attack_row(acc, model: Defended, x: torch.Tensor, y: torch.Tensor, records: 
         # batches of the examples in their global order, dealt round-robin: the same batches, seeds and
         # predictions on any number of processes
         batches = [ok[i:i + a.batch] for i in range(0, len(ok), a.batch)]
-        preds = {}
+        # each process logs its batches as they finish: a killed run resumes from the last finished batch
+        part = folder / f"r-{key}.part-{acc.process_index}.jsonl"
+        preds = {rec["index"]: rec["prediction"] for p in folder.glob(f"r-{key}.part-*.jsonl") for rec in read_jsonl(p)}
         for batch in tqdm(batches[acc.process_index::acc.num_processes], desc=f"attack {label} r={key}",
                           leave=False, disable=not acc.is_main_process):
+            if all(j in preds for j in batch):
+                continue
             idx = torch.tensor(batch)
             adv = attack_smoothed(model, x[idx].to(acc.device), y[idx].to(acc.device), r, a,
                                   seed * 1_000_003 + batch[0] + 7919 * (k + 1))
             for j, xa in zip(batch, adv):
                 _reseed(model, seed * 1_000_003 + j + 104_729 * (k + 1))
                 preds[j] = predict(model, xa, s, n_classes)
+            append_jsonl(part, [{"index": j, "prediction": preds[j]} for j in batch])
         merged = {}
         for got in gather_all(acc, preds):
             merged.update(got)
         if acc.is_main_process:
             atomic_write_json(path, {str(i): p for i, p in sorted(merged.items())})
+        acc.wait_for_everyone()
+        part.unlink(missing_ok=True)
         attacked[key] = merged
     return compare(records, attacked, a.alpha, radii)

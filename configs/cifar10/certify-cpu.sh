@@ -1,7 +1,7 @@
 #!/bin/bash
-# The models of configs/cifar10/certify-cpu.yaml on 2 CPU cores (about 40 minutes; each skipped once trained), then
+# The models of configs/cifar10/certify-cpu.yaml on 2 CPU cores (about 50 minutes; each skipped once trained), then
 # the certificates: the CPU-sized classifier, the same trained with Gaussian noise at sigma 0.1694, the CPU teacher
-# (t_max 0.3) and its consistency student.
+# (t_max 0.3) and its consistency and progressive students.
 set -e
 [ -d runs/c10/clf/classifier ] || \
   python -m robust_data squeeze --config configs/cifar10/squeeze-cpu.yaml --out runs/c10/clf
@@ -12,4 +12,7 @@ set -e
 [ -f runs/c10/cd/students/steps-1/purifier.json ] || \
   python -m distill consistency --config configs/cifar10/consistency-cpu.yaml --teacher runs/c10/teacher/purifier \
     --out runs/c10/cd
-python -m eval certify --config configs/cifar10/certify-cpu.yaml --out runs/c10/certify-attack
+[ -f runs/c10/pd/students/steps-1/purifier.json ] || \
+  python -m distill progressive --config configs/cifar10/progressive-cpu.yaml --teacher runs/c10/teacher/purifier \
+    --out runs/c10/pd
+python -m eval certify --config configs/cifar10/certify-cpu.yaml --out runs/c10/certify-cpu

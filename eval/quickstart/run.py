@@ -89,7 +89,8 @@ def certify_stage(cfg: QuickstartConfig, out: Path, clf: Path, teacher: Path, pu
     c = cfg.certify
     return run_certify(CertifyConfig(dataset=cfg.dataset, data_root=cfg.data_root, classifier=str(clf),
                                      defenses=defenses, examples=c.examples, n0=c.n0, n=c.n, alpha=c.alpha,
-                                     batch=c.batch, seed=cfg.seed, attack_steps=c.attack_steps), out / "certify")
+                                     batch=c.batch, seed=cfg.seed, attack_steps=c.attack_steps, attack_n=c.n),
+                       out / "certify")
 
 
 def quickstart(out: str | Path = "runs/quickstart", fast: bool = False, cfg: QuickstartConfig | None = None) -> dict:
