@@ -277,7 +277,8 @@ def test_certify_with_the_attack_resumes_and_reports_it(folders):
 
 @pytest.mark.parametrize("path", ["configs/digits/certify.yaml", "configs/digits/certify-sigma.yaml",
                                   "configs/digits/certify-teacher.yaml", "configs/cifar10/certify-cpu.yaml",
-                                  "configs/cifar10/certify-cpu-sigma.yaml", "configs/cifar10/certify-cpu-teacher.yaml"])
+                                  "configs/cifar10/certify-cpu-sigma.yaml", "configs/cifar10/certify-cpu-teacher.yaml",
+                                  "configs/cifar10/certify-gpu.yaml"])
 def test_shipped_certify_configs_load_and_keep_one_n_for_every_row(path):
     from core.config import load_config
 

@@ -1,11 +1,13 @@
 #!/bin/bash
 # The 1-step students of configs/digits/certify-sigma.yaml: progressive and consistency distillation of the quickstart's
 # teacher at the main job's budgets, for the t_star whose noise is sigma 0.25 and 0.5 in [0, 1] pixels
-# (alpha_bar(t_star) = 1 / (1 + 4 sigma^2) on the linear schedule: eval.certify.t_star_for_sigma); skips one trained.
+# (alpha_bar(t_star) = 1 / (1 + 4 sigma^2) on the teacher's own schedule: eval.certify.t_star_for_sigma); skips one
+# trained.
 set -e
 T=${TEACHER:-runs/quickstart/teacher/purifier}
-for pair in 0.25:0.14515304559393655 0.5:0.25909277851956947; do
-  sigma=${pair%%:*}; t_star=${pair#*:}
+for sigma in 0.25 0.5; do
+  t_star=$(python -c "import sys; from eval.certify import t_star_for_sigma; from purify import load_purifier
+print(t_star_for_sigma(load_purifier(sys.argv[1]).schedule, float(sys.argv[2])))" "$T" $sigma)
   out=runs/sigma-$sigma
   [ -f "$out/progressive/students/steps-1/purifier.json" ] || python -m distill progressive \
     --config configs/digits/progressive.yaml --teacher "$T" --out "$out/progressive" \
