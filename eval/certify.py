@@ -304,8 +304,8 @@ def run_certify(cfg: CertifyConfig, out) -> dict:
         results[row["label"]] = {**summarize(records, cfg.radii), "sigma": sigma, "purifier": row["purifier"],
                                  "classifier": row["classifier"], "nfe": getattr(model.purifier, "nfe", 0),
                                  "t_star": getattr(model.purifier, "t_star", None),
-                                 **_batch_summary(model, x[0].to(acc.device), s.batch, folder, bool(todo),
-                                                  acc.is_main_process)}
+                                 **_batch_summary(model, x[0].to(acc.device), s.batch, folder, len(todo),
+                                                  len(y), acc.is_main_process)}
         if cfg.attack_steps > 0:
             from .smoothed_attack import SmoothedAttack, attack_row
 
@@ -336,23 +336,19 @@ def batch_throughput(model: nn.Module, x: torch.Tensor, batch: int) -> float:
     return batch / time_module(model, xs, 0 if long else 1, 1 if long else 3)["median_s"]
 
 
-def _batch_summary(model, x, batch, folder: Path, certified_now: bool, write: bool) -> dict:
-    rate, same = _batch_rate(model, x, batch, folder / "batch_rate.json", certified_now, write)
-    return {"batch_draws_per_second": rate, "batch_rate_same_session": same}
-
-
-def _batch_rate(model: nn.Module, x: torch.Tensor, batch: int, stored: Path, certified_now: bool,
-                write: bool) -> tuple[float, bool]:
-    """(draws / s of one plain batch, whether timed in the session that certified the records): timed and stored
-    when this run certified examples, else the stored figure; timed anew (and so not comparable) without one."""
+def _batch_summary(model, x, batch: int, folder: Path, certified_now: int, examples: int, write: bool) -> dict:
+    """The batch throughput that draws / s is compared to, and whether both come from one session: timed and
+    stored when this run certified every record; the stored figure when it certified none; else (a killed run
+    resumed, or records from a run that kept no timing) timed now and marked as not comparable."""
     from core.io import atomic_write_json, read_json
 
+    stored = folder / "batch_rate.json"
     if not certified_now and stored.is_file() and read_json(stored).get("batch") == batch:
-        return float(read_json(stored)["draws_per_second"]), True
+        return {"batch_draws_per_second": float(read_json(stored)["draws_per_second"]), "batch_rate_same_session": True}
     rate = batch_throughput(model, x, batch)
-    if certified_now and write:
+    if certified_now == examples and write:
         atomic_write_json(stored, {"batch": batch, "draws_per_second": rate})
-    return rate, certified_now
+    return {"batch_draws_per_second": rate, "batch_rate_same_session": certified_now == examples}
 
 
 def _reseed(model, seed: int) -> None:

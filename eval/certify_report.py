@@ -55,7 +55,7 @@ def body(report: dict, level: str = "##", folder: str = "") -> list[str]:
              "certificate is a lower bound on the accuracy any L2 attacker of that radius can leave. Draws / s: "
              "purifications per second while certifying; of batch rate: that against one plain forward pass of "
              f"{report.get('batch', 'a batch of')} draws, timed alone in the session that certified the row (marked "
-             "† where the records came from an earlier run that kept no timing: then not comparable). With N draws no "
+             "† where some records came from an earlier run: then not comparable). With N draws no "
              "radius can exceed sigma "
              f"Phi^-1(alpha^(1/N)) = {ceiling(report['n'], report['alpha']):.2f} sigma (r max below).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -74,7 +74,8 @@ def compare(records: list[dict], attacked: dict[str, dict[int, int]], alpha: flo
 def attack_row(acc, model: Defended, x: torch.Tensor, y: torch.Tensor, records: list[dict], folder, a: SmoothedAttack,
                radii, seed: int, n_classes: int, draw_batch: int, label: str = "") -> dict:
     """Attack one certified defense at every radius > 0 where some example is certified (elsewhere there is no
-    certificate to test); FOLDER/r-<radius>.json per radius (resumed), the comparison returned."""
+    certificate to test); FOLDER/r-<radius>.json per radius, resumed from the last finished batch of images
+    (FOLDER/r-<radius>.part-<process>.jsonl until the radius is done); the comparison returned."""
     from core.io import append_jsonl, atomic_write_json, read_json, read_jsonl
     from core.runs import same_or_fail
 
@@ -116,7 +117,8 @@ def attack_row(acc, model: Defended, x: torch.Tensor, y: torch.Tensor, records: 
             merged.update(got)
         if acc.is_main_process:
             atomic_write_json(path, {str(i): p for i, p in sorted(merged.items())})
+            for p in folder.glob(f"r-{key}.part-*.jsonl"):  # every process's, also of an earlier process count
+                p.unlink()
         acc.wait_for_everyone()
-        part.unlink(missing_ok=True)
         attacked[key] = merged
     return compare(records, attacked, a.alpha, radii)

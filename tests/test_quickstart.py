@@ -20,7 +20,7 @@ TINY = {
                            "check_n": 8, "batch_size": 8},
                 "teacher": {"n": 4}, "teacher_elsewhere": {"n": 4, "evals": 1, "eot": 1, "attacks": ["bpda-eot"],
                                                            "steps": {"bpda-eot": 1}}},
-    "certify": {"examples": 4, "n0": 5, "n": 20, "batch": 25},
+    "certify": {"examples": 4, "n0": 5, "n": 20, "batch": 25, "attack_n": 20},
     "latency": {"batch_sizes": [1, 4], "warmup": 0, "repeats": 1},
 }
 DEFENSES = ["undefended", "teacher", "progressive-1", "progressive-2", "progressive-4", "consistency-1",

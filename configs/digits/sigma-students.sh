@@ -5,14 +5,16 @@
 # trained.
 set -e
 T=${TEACHER:-runs/quickstart/teacher/purifier}
+t_star() {  # the t_star whose noise is sigma $1 on the teacher's schedule
+  python -c "import sys; from eval.certify import t_star_for_sigma; from purify import load_purifier
+print(t_star_for_sigma(load_purifier(sys.argv[1]).schedule, float(sys.argv[2])))" "$T" "$1"
+}
 for sigma in 0.25 0.5; do
-  t_star=$(python -c "import sys; from eval.certify import t_star_for_sigma; from purify import load_purifier
-print(t_star_for_sigma(load_purifier(sys.argv[1]).schedule, float(sys.argv[2])))" "$T" $sigma)
   out=runs/sigma-$sigma
   [ -f "$out/progressive/students/steps-1/purifier.json" ] || python -m distill progressive \
     --config configs/digits/progressive.yaml --teacher "$T" --out "$out/progressive" \
-    t_star=$t_star start_steps=8 steps_per_round=120 checkpoint_every=120
+    t_star=$(t_star $sigma) start_steps=8 steps_per_round=120 checkpoint_every=120
   [ -f "$out/consistency/students/steps-1/purifier.json" ] || python -m distill consistency \
     --config configs/digits/consistency.yaml --teacher "$T" --out "$out/consistency" \
-    t_star=$t_star train_steps=320 checkpoint_every=160
+    t_star=$(t_star $sigma) train_steps=320 checkpoint_every=160
 done

@@ -50,8 +50,8 @@ class CertifyBudget:
     n: int = 500
     alpha: float = 0.001
     batch: int = 550
-    # the L2 attack on each smoothed classifier beside its certificate (votes 8, PREDICT with n draws); 0: none
-    attack_steps: int = 10
+    attack_steps: int = 10  # the L2 attack on each smoothed classifier beside its certificate (8 votes); 0: none
+    attack_n: int = 200  # PREDICT's draws on each attacked point (most of the attack's cost)
 
 
 @dataclass
@@ -102,7 +102,7 @@ FAST = {
                            "sweep_eps": [0.1, 0.5], "sweep_n": 16, "check_n": 16},
                 "bare": {"attacks": ["pgd"], "steps": {}}, "teacher": {"n": 4},
                 "teacher_elsewhere": {"n": 4, "evals": 1, "eot": 1, "attacks": ["bpda-eot"], "steps": {"bpda-eot": 2}}},
-    "certify": {"examples": 8, "n0": 20, "n": 100, "batch": 120, "attack_steps": 2},
+    "certify": {"examples": 8, "n0": 20, "n": 100, "batch": 120, "attack_steps": 2, "attack_n": 100},
     "latency": {"repeats": 1},
 }
 
@@ -124,7 +124,7 @@ SMOKE = {
     "harness": {"budget": {"n": 2, **_SMOKE_ATTACK, "queries": 10, "sweep_n": 2, "check_n": 2, "batch_size": 2},
                 "bare": {"steps": _ONE_STEP}, "teacher": {"n": 2, **_SMOKE_ATTACK},
                 "teacher_elsewhere": {"n": 2, "evals": 1, "eot": 1, "attacks": ["bpda-eot"], "steps": _ONE_STEP}},
-    "certify": {"examples": 2, "n0": 2, "n": 4, "batch": 6, "attack_steps": 1},
+    "certify": {"examples": 2, "n0": 2, "n": 4, "batch": 6, "attack_steps": 1, "attack_n": 4},
     "latency": {"batch_sizes": [1], "warmup": 0, "repeats": 1},
 }
 

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from core.checkpoint import load_classifier
 from core.config import replace, save_config, to_dict
@@ -87,10 +88,16 @@ def certify_stage(cfg: QuickstartConfig, out: Path, clf: Path, teacher: Path, pu
     defenses += [{"purifier": str(folder), "label": label} for label, folder in purifiers.items()
                  if label.endswith("-1")]
     c = cfg.certify
-    return run_certify(CertifyConfig(dataset=cfg.dataset, data_root=cfg.data_root, classifier=str(clf),
-                                     defenses=defenses, examples=c.examples, n0=c.n0, n=c.n, alpha=c.alpha,
-                                     batch=c.batch, seed=cfg.seed, attack_steps=c.attack_steps, attack_n=c.n),
-                       out / "certify")
+    cert = CertifyConfig(dataset=cfg.dataset, data_root=cfg.data_root, classifier=str(clf), defenses=defenses,
+                         examples=c.examples, n0=c.n0, n=c.n, alpha=c.alpha, batch=c.batch, seed=cfg.seed,
+                         attack_steps=c.attack_steps, attack_n=c.attack_n)
+    # the job owns this folder: each row's records and attacks carry their own settings and are reused only when
+    # those match (else refused by name), so a changed budget (an older job's folder) need not refuse the whole
+    saved = out / "certify" / "config.yaml"
+    if process_state().is_main_process and saved.is_file() and yaml.safe_load(saved.read_text()) != to_dict(cert):
+        saved.unlink()
+    process_state().wait_for_everyone()
+    return run_certify(cert, out / "certify")
 
 
 def quickstart(out: str | Path = "runs/quickstart", fast: bool = False, cfg: QuickstartConfig | None = None) -> dict:
@@ -107,9 +114,9 @@ def quickstart(out: str | Path = "runs/quickstart", fast: bool = False, cfg: Qui
     from ..certify import Smoothing
 
     Smoothing(cfg.certify.n0, cfg.certify.n, cfg.certify.alpha, cfg.certify.batch).check()  # before any training
-    if cfg.certify.examples < 1 or cfg.certify.attack_steps < 0:
-        raise InputError(f"certify.examples must be >= 1 and certify.attack_steps >= 0, got "
-                         f"{cfg.certify.examples}, {cfg.certify.attack_steps}")
+    if cfg.certify.examples < 1 or cfg.certify.attack_steps < 0 or cfg.certify.attack_n < 1:
+        raise InputError(f"certify.examples and certify.attack_n must be >= 1 and certify.attack_steps >= 0, got "
+                         f"{cfg.certify.examples}, {cfg.certify.attack_n}, {cfg.certify.attack_steps}")
     if process_state().is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
