@@ -105,7 +105,7 @@ def test_fast_quickstart_runs_every_stage_and_reuses_them(tmp_path, capsys):
     assert cert["defenses"]["dds"]["nfe"] == 1 and cert["defenses"]["gaussian"]["nfe"] == 0
     assert read_json(out / "classifier-noise" / "classifier" / "meta.json")["noise_sd"] == pytest.approx(0.1694, 1e-3)
     assert (out / "certify" / "certified_vs_radius.png").is_file() and "## Certified robustness" in text
-    assert cert["attack"] == {"steps": 2, "votes": 8, "n": 20} and "The attack beside the certificate" in text
+    assert cert["attack"] == {"steps": 2, "votes": 4, "n": 20} and "The attack beside the certificate" in text
 
     # a rerun reuses every stage, every attacked batch and every certificate
     lines = {p: p.read_text() for p in [*(out / "eval").rglob("examples.jsonl"), *(out / "certify").rglob("*.jsonl")]}

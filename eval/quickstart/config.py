@@ -50,8 +50,9 @@ class CertifyBudget:
     n: int = 500
     alpha: float = 0.001
     batch: int = 550
-    attack_steps: int = 10  # the L2 attack on each smoothed classifier beside its certificate (8 votes); 0: none
-    attack_n: int = 200  # PREDICT's draws on each attacked point (most of the attack's cost)
+    attack_steps: int = 10  # the L2 attack on each smoothed classifier beside its certificate; 0: none
+    attack_votes: int = 4  # purifications in the soft vote it differentiates
+    attack_n: int = 100  # PREDICT's draws on each attacked point (most of the attack's cost)
 
 
 @dataclass

@@ -90,7 +90,7 @@ def certify_stage(cfg: QuickstartConfig, out: Path, clf: Path, teacher: Path, pu
     c = cfg.certify
     cert = CertifyConfig(dataset=cfg.dataset, data_root=cfg.data_root, classifier=str(clf), defenses=defenses,
                          examples=c.examples, n0=c.n0, n=c.n, alpha=c.alpha, batch=c.batch, seed=cfg.seed,
-                         attack_steps=c.attack_steps, attack_n=c.attack_n)
+                         attack_steps=c.attack_steps, attack_votes=c.attack_votes, attack_n=c.attack_n)
     # the job owns this folder: each row's records and attacks carry their own settings and are reused only when
     # those match (else refused by name), so a changed budget (an older job's folder) need not refuse the whole
     saved = out / "certify" / "config.yaml"
@@ -114,9 +114,10 @@ def quickstart(out: str | Path = "runs/quickstart", fast: bool = False, cfg: Qui
     from ..certify import Smoothing
 
     Smoothing(cfg.certify.n0, cfg.certify.n, cfg.certify.alpha, cfg.certify.batch).check()  # before any training
-    if cfg.certify.examples < 1 or cfg.certify.attack_steps < 0 or cfg.certify.attack_n < 1:
-        raise InputError(f"certify.examples and certify.attack_n must be >= 1 and certify.attack_steps >= 0, got "
-                         f"{cfg.certify.examples}, {cfg.certify.attack_n}, {cfg.certify.attack_steps}")
+    c = cfg.certify
+    if min(c.examples, c.attack_votes, c.attack_n) < 1 or c.attack_steps < 0:
+        raise InputError(f"certify.examples, attack_votes and attack_n must be >= 1 and certify.attack_steps >= 0, "
+                         f"got {c.examples}, {c.attack_votes}, {c.attack_n}, {c.attack_steps}")
     if process_state().is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
