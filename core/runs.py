@@ -96,14 +96,19 @@ def start_run(out: str | Path, resume: bool) -> tuple[Path, Path | None]:
     return out, None
 
 
-def same_config_or_fail(folder: str | Path, cfg) -> None:
-    """A run folder that already holds another config is never continued with this one."""
+def holds_other_config(folder: str | Path, cfg) -> bool:
+    """Whether FOLDER/config.yaml exists and differs from `cfg`."""
     import yaml
 
     from .config import to_dict
 
     saved = Path(folder) / "config.yaml"
-    if saved.is_file() and yaml.safe_load(saved.read_text()) != to_dict(cfg):
+    return saved.is_file() and yaml.safe_load(saved.read_text()) != to_dict(cfg)
+
+
+def same_config_or_fail(folder: str | Path, cfg) -> None:
+    """A run folder that already holds another config is never continued with this one."""
+    if holds_other_config(folder, cfg):
         raise FileExistsError(f"{folder} holds a run with another config; pass another --out "
                               "(or delete that folder) to start afresh")
 

@@ -343,8 +343,9 @@ def _batch_summary(model, x, batch: int, folder: Path, certified_now: int, examp
     from core.io import atomic_write_json, read_json
 
     stored = folder / "batch_rate.json"
-    if not certified_now and stored.is_file() and read_json(stored).get("batch") == batch:
-        return {"batch_draws_per_second": float(read_json(stored)["draws_per_second"]), "batch_rate_same_session": True}
+    kept = read_json(stored) if not certified_now and stored.is_file() else {}
+    if kept.get("batch") == batch:
+        return {"batch_draws_per_second": float(kept["draws_per_second"]), "batch_rate_same_session": True}
     rate = batch_throughput(model, x, batch)
     if certified_now == examples and write:
         atomic_write_json(stored, {"batch": batch, "draws_per_second": rate})

@@ -6,13 +6,12 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from core.checkpoint import load_classifier
 from core.config import replace, save_config, to_dict
 from core.errors import InputError
 from core.io import atomic_write_json, atomic_write_text, read_json
-from core.runs import process_state, run_stage, same_inputs_or_fail, same_or_fail
+from core.runs import holds_other_config, process_state, run_stage, same_inputs_or_fail, same_or_fail
 from core.zoo import is_named
 from distill.consistency import train_consistency
 from distill.progressive import rounds, train_progressive
@@ -93,9 +92,8 @@ def certify_stage(cfg: QuickstartConfig, out: Path, clf: Path, teacher: Path, pu
                          attack_steps=c.attack_steps, attack_votes=c.attack_votes, attack_n=c.attack_n)
     # the job owns this folder: each row's records and attacks carry their own settings and are reused only when
     # those match (else refused by name), so a changed budget (an older job's folder) need not refuse the whole
-    saved = out / "certify" / "config.yaml"
-    if process_state().is_main_process and saved.is_file() and yaml.safe_load(saved.read_text()) != to_dict(cert):
-        saved.unlink()
+    if process_state().is_main_process and holds_other_config(out / "certify", cert):
+        (out / "certify" / "config.yaml").unlink()
     process_state().wait_for_everyone()
     return run_certify(cert, out / "certify")
 
