@@ -97,13 +97,17 @@ def start_run(out: str | Path, resume: bool) -> tuple[Path, Path | None]:
 
 
 def holds_other_config(folder: str | Path, cfg) -> bool:
-    """Whether FOLDER/config.yaml exists and differs from `cfg`."""
-    import yaml
-
-    from .config import to_dict
+    """Whether FOLDER/config.yaml exists and differs from `cfg`. A key added to the config since that file was
+    written reads as its default (what the run did before the key existed); a key since removed differs."""
+    from .config import ConfigError, load_config, to_dict
 
     saved = Path(folder) / "config.yaml"
-    return saved.is_file() and yaml.safe_load(saved.read_text()) != to_dict(cfg)
+    if not saved.is_file():
+        return False
+    try:
+        return to_dict(load_config(type(cfg), saved)) != to_dict(cfg)
+    except ConfigError:
+        return True
 
 
 def same_config_or_fail(folder: str | Path, cfg) -> None:

@@ -113,6 +113,20 @@ def test_config_yaml_overrides_and_strict_keys(tmp_path):
     assert load_config(Outer, tmp_path / "resolved.yaml") == cfg
 
 
+def test_a_run_folder_of_an_older_config_is_continued_only_when_the_settings_it_had_are_the_same(tmp_path):
+    from core.runs import holds_other_config, same_config_or_fail
+
+    cfg = Outer()
+    assert not holds_other_config(tmp_path, cfg)  # no config written yet
+    (tmp_path / "config.yaml").write_text("lr: 0.1\ninner:\n  width: 4\n")  # written before `name`, `channels` existed
+    assert not holds_other_config(tmp_path, cfg)  # the keys added since read as their defaults
+    same_config_or_fail(tmp_path, cfg)
+    assert holds_other_config(tmp_path, Outer(lr=0.2))
+    (tmp_path / "config.yaml").write_text("lr: 0.1\nretired: 3\n")  # a key removed since: another config
+    with pytest.raises(FileExistsError, match="another config"):
+        same_config_or_fail(tmp_path, cfg)
+
+
 def test_step_batches_resume_exactly_and_shard_by_rank():
     full = list(StepBatchSampler(50, 8, seed=3, start=0, total=20))
     resumed = list(StepBatchSampler(50, 8, seed=3, start=12, total=20))
