@@ -96,24 +96,30 @@ def start_run(out: str | Path, resume: bool) -> tuple[Path, Path | None]:
     return out, None
 
 
-def holds_other_config(folder: str | Path, cfg) -> bool:
+def holds_other_config(folder: str | Path, cfg, rows: str | None = None) -> bool:
     """Whether FOLDER/config.yaml exists and differs from `cfg`. A key added to the config since that file was
-    written reads as its default (what the run did before the key existed); a key since removed differs."""
+    written reads as its default (what the run did before the key existed); a key since removed differs. `rows`
+    names a list key whose entries each keep their records under their own settings (reused only when those
+    match): adding, removing or reordering its entries is the same run."""
     from .config import ConfigError, load_config, to_dict
 
     saved = Path(folder) / "config.yaml"
     if not saved.is_file():
         return False
     try:
-        return to_dict(load_config(type(cfg), saved)) != to_dict(cfg)
+        old, new = to_dict(load_config(type(cfg), saved)), to_dict(cfg)
     except ConfigError:
         return True
+    if rows is not None:
+        old.pop(rows, None), new.pop(rows, None)
+    return old != new
 
 
-def same_config_or_fail(folder: str | Path, cfg) -> None:
-    """A run folder that already holds another config is never continued with this one."""
-    if holds_other_config(folder, cfg):
-        raise FileExistsError(f"{folder} holds a run with another config; pass another --out "
+def same_config_or_fail(folder: str | Path, cfg, rows: str | None = None) -> None:
+    """A run folder that already holds another config is never continued with this one (`rows`: as above)."""
+    if holds_other_config(folder, cfg, rows):
+        keep = f" other than its {rows}" if rows else ""
+        raise FileExistsError(f"{folder} holds a run with another config{keep}; pass another --out "
                               "(or delete that folder) to start afresh")
 
 

@@ -260,7 +260,7 @@ def run_certify(cfg: CertifyConfig, out) -> dict:
     for row in rows:
         _t_star_of(row)  # a sigma no purifier reaches: refused before any work
     out = Path(out)
-    same_config_or_fail(out, cfg)
+    same_config_or_fail(out, cfg, rows="defenses")  # a row added to a run: the others' certificates reused
     acc = make_accelerator()
     test, _ = load_dataset(cfg.dataset, "test", root=cfg.data_root)
     x, y = to_tensors(test, cfg.examples, seed=cfg.seed)

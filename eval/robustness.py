@@ -126,7 +126,7 @@ def run_robustness(cfg: EvalConfig, out: str | Path) -> dict:
     """Evaluate every defense in `cfg`; write OUT/report.{json,md}, OUT/<label>/ records and the plots."""
     plan = check(cfg)
     out = Path(out)
-    same_config_or_fail(out, cfg)
+    same_config_or_fail(out, cfg, rows="defenses")  # a row added to a run: the others' records reused
     acc = make_accelerator()
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

@@ -143,6 +143,13 @@ def test_a_killed_certification_resumes_to_the_same_records(folders):
     assert not again["defenses"]["consistency-1"]["batch_rate_same_session"]
     assert "% †" in (folders / "ref" / "report.md").read_text()
     assert "% †" not in (folders / "fresh" / "report.md").read_text()
+    # a row added to the finished run: the others' certificates are reused as they are, the new one certified
+    before = (folders / "fresh" / "consistency-1" / "records.jsonl").read_text()
+    more = run_certify(_cfg(folders, defenses=[*_cfg(folders).defenses, {"purifier": "none", "sigma": 0.3}]),
+                       folders / "fresh")
+    assert (folders / "fresh" / "consistency-1" / "records.jsonl").read_text() == before
+    assert list(more["defenses"]) == ["gaussian-0.17", "consistency-1", "gaussian-0.3"]
+    assert keep(more["defenses"]["consistency-1"]) == keep(fresh["defenses"]["consistency-1"])
 
 
 def test_a_student_refuses_a_sigma_beyond_its_t_star_and_bad_settings_fail_before_work(folders):

@@ -74,6 +74,33 @@ def test_robustness_command_refuses_a_retrained_classifier_in_the_same_folders(t
         run_robustness(cfg, tmp_path / "ev")
 
 
+
+def test_a_row_added_to_a_finished_run_reuses_the_others_records_and_nothing_else_may_change(tmp_path):
+    from core.checkpoint import save_classifier
+    from core.models import ClassifierConfig, build_classifier
+    from eval.budget import Budget
+    from eval.robustness import EvalConfig, run_robustness
+
+    cfg_c = ClassifierConfig(arch="convnet", in_channels=1, num_classes=10, image_size=16, width=4, depth=1,
+                             mean=[0.5], std=[0.5])
+    torch.manual_seed(0)
+    save_classifier(build_classifier(cfg_c), tmp_path / "clf", cfg_c)
+    budget = Budget(attacks=["pgd"], n=8, steps={"pgd": 2}, check_steps=False)
+    run = lambda rows, b=budget: run_robustness(EvalConfig(classifier=str(tmp_path / "clf"), defenses=rows,
+                                                           budget=b), tmp_path / "ev")
+    first = run(["none"])
+    log = tmp_path / "ev" / "undefended" / "examples.jsonl"
+    before = log.read_text()
+    report = run([{"purifier": "none", "label": "longer", "steps": {"pgd": 4}}, "none"])  # a row added, reordered
+    assert log.read_text() == before  # the finished row was not attacked again
+    assert list(report["defenses"]) == ["longer", "undefended"]
+    assert report["defenses"]["undefended"]["attacks"] == first["defenses"]["undefended"]["attacks"]
+    assert (tmp_path / "ev" / "longer" / "examples.jsonl").is_file()
+    with pytest.raises(FileExistsError, match="attack records made with another jobs"):  # a row's own budget changed
+        run([{"purifier": "none", "steps": {"pgd": 4}}])
+    with pytest.raises(FileExistsError, match="another config other than its defenses"):  # the shared budget changed
+        run(["none"], Budget(attacks=["pgd"], n=4, steps={"pgd": 2}, check_steps=False))
+
 # 2. the strongest candidate on a stochastic defense ---------------------------------------------------------
 
 class CodeNoise(nn.Module):
