@@ -86,8 +86,10 @@ def test_a_row_added_to_a_finished_run_reuses_the_others_records_and_nothing_els
     torch.manual_seed(0)
     save_classifier(build_classifier(cfg_c), tmp_path / "clf", cfg_c)
     budget = Budget(attacks=["pgd"], n=8, steps={"pgd": 2}, check_steps=False)
-    run = lambda rows, b=budget: run_robustness(EvalConfig(classifier=str(tmp_path / "clf"), defenses=rows,
-                                                           budget=b), tmp_path / "ev")
+
+    def run(rows, b=budget):
+        return run_robustness(EvalConfig(classifier=str(tmp_path / "clf"), defenses=rows, budget=b), tmp_path / "ev")
+
     first = run(["none"])
     log = tmp_path / "ev" / "undefended" / "examples.jsonl"
     before = log.read_text()
