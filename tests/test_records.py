@@ -74,7 +74,6 @@ def test_robustness_command_refuses_a_retrained_classifier_in_the_same_folders(t
         run_robustness(cfg, tmp_path / "ev")
 
 
-
 def test_a_row_added_to_a_finished_run_reuses_the_others_records_and_nothing_else_may_change(tmp_path):
     from core.checkpoint import save_classifier
     from core.models import ClassifierConfig, build_classifier
