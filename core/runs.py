@@ -110,8 +110,8 @@ def holds_other_config(folder: str | Path, cfg, rows: str | None = None) -> bool
         old, new = to_dict(load_config(type(cfg), saved)), to_dict(cfg)
     except ConfigError:
         return True
-    if rows is not None:
-        old.pop(rows, None), new.pop(rows, None)
+    for d in (old, new) if rows else ():
+        d.pop(rows, None)
     return old != new
 
 
