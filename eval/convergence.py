@@ -80,7 +80,10 @@ def run_ladder(model, x, y, attack: str, rungs, budget: Budget, out: str | Path 
                      "correct": [all(v) for v in r["per_example"][attack]]})
     for prev, row in zip(rows, rows[1:]):
         row["vs_previous"] = paired_change(prev["correct"], row["correct"])
-    return {"attack": attack, "examples": len(y), "evals": r["evals"], "rungs": rows, **verdict(rows)}
+    # an attacker who ran every rung keeps whichever broke an example: the upper bound to quote
+    every = sum(all(c) for c in zip(*(row["correct"] for row in rows))) / len(y)
+    return {"attack": attack, "examples": len(y), "evals": r["evals"], "rungs": rows, "every_rung": every,
+            "every_rung_se": math.sqrt(every * (1 - every) / len(y)), **verdict(rows)}
 
 
 def ladder_attack(budget: Budget, stochastic: bool) -> str | None:
@@ -113,4 +116,8 @@ def render_ladder(label: str, lad: dict) -> list[str]:
                    f"**Not converged**: the largest budget ({big['steps']} x {big['eot']}) still lowers the rung "
                    f"below it by {100 * -c['change']:.1f} ± {100 * c['se']:.1f} points (paired, p = {c['p']:.3f}); "
                    "every figure here is an upper bound that more effort may lower."), ""]
+    if "every_rung" in lad:  # records written before this figure existed lack it
+        lines[-1:] = ["", f"Robust under every rung: {100 * lad['every_rung']:.1f} ± {100 * lad['every_rung_se']:.1f}% "
+                          "(an example counts only where no budget broke it: the figure to quote, since the rungs' "
+                          "own randomness can leave a larger rung above a smaller one).", ""]
     return lines

@@ -53,6 +53,8 @@ def test_each_rung_is_the_harness_at_that_budget_on_the_same_examples(cnn, batch
     assert top["correct"] == [all(v) for v in direct["per_example"]["pgd-eot"]]
     assert top["vs_previous"]["change"] == pytest.approx(top["worst"] - lad["rungs"][0]["worst"])
     assert lad["examples"] == 8 and lad["evals"] == 2
+    every = [a and b for a, b in zip(lad["rungs"][0]["correct"], top["correct"])]
+    assert lad["every_rung"] == sum(every) / 8 <= min(r["worst"] for r in lad["rungs"])
 
 
 def test_robustness_report_carries_each_defenses_ladder(folders, tmp_path):  # noqa: F811
@@ -68,6 +70,7 @@ def test_robustness_report_carries_each_defenses_ladder(folders, tmp_path):  # n
     md = (tmp_path / "rob" / "report.md").read_text()
     assert "## Convergence of the attacks" in md and "| 4 x 1 |" in md
     assert (f"Converged at **{cm['converged']}**" if cm["converged"] else "**Not converged**") in md
+    assert f"Robust under every rung: {100 * cm['every_rung']:.1f} ± " in md
     assert [r["eot"] for r in report["defenses"]["undefended"]["ladder"]["rungs"]] == [1, 1, 1]  # no EOT there
 
 
