@@ -56,6 +56,15 @@ def verdict(rows: list[dict]) -> dict:
     return {"converged": f"{found[0]['steps']}x{found[0]['eot']}", "against_largest": found[1]}
 
 
+def every_rung(rows: list[dict]) -> dict:
+    """The share of examples no rung broke (an attacker who ran every budget keeps whichever broke an example:
+    the upper bound to quote), with the harness's standard error of a worst-case figure."""
+    robust = [all(c) for c in zip(*(row["correct"] for row in rows))]
+    n = len(robust)
+    p = sum(robust) / n
+    return {"every_rung": p, "every_rung_se": math.sqrt(p * (1 - p) / max(1, n - 1))}
+
+
 def run_ladder(model, x, y, attack: str, rungs, budget: Budget, out: str | Path | None = None,
                **kw) -> dict | None:
     """`attack` alone at each (steps, eot) of `rungs` on the same examples (`eval.evaluate` with `budget`'s R,
@@ -80,10 +89,8 @@ def run_ladder(model, x, y, attack: str, rungs, budget: Budget, out: str | Path 
                      "correct": [all(v) for v in r["per_example"][attack]]})
     for prev, row in zip(rows, rows[1:]):
         row["vs_previous"] = paired_change(prev["correct"], row["correct"])
-    # an attacker who ran every rung keeps whichever broke an example: the upper bound to quote
-    every = sum(all(c) for c in zip(*(row["correct"] for row in rows))) / len(y)
-    return {"attack": attack, "examples": len(y), "evals": r["evals"], "rungs": rows, "every_rung": every,
-            "every_rung_se": math.sqrt(every * (1 - every) / len(y)), **verdict(rows)}
+    return {"attack": attack, "examples": len(y), "evals": r["evals"], "rungs": rows, **every_rung(rows),
+            **verdict(rows)}
 
 
 def ladder_attack(budget: Budget, stochastic: bool) -> str | None:
@@ -95,7 +102,7 @@ def ladder_attack(budget: Budget, stochastic: bool) -> str | None:
 
 
 def render_ladder(label: str, lad: dict) -> list[str]:
-    """Markdown lines: one table of the rungs and the verdict."""
+    """Markdown lines: one table of the rungs, the verdict and the figure robust under every rung."""
     v = lad["converged"]
     lines = [f"### {label}: {lad['attack']}, {lad['examples']} examples, R = {lad['evals']}", "",
              "| steps x EOT | average | worst ± se | change vs previous rung (paired ± se) | broken / recovered | p | "

@@ -6,7 +6,7 @@ import pytest
 
 from core.errors import InputError
 from eval import Budget, Defended, evaluate
-from eval.convergence import check_ladder, paired_change, run_ladder, verdict
+from eval.convergence import check_ladder, every_rung, paired_change, run_ladder, verdict
 
 from .conftest import digits_cnn
 from .test_attacks import batch, cnn  # noqa: F401 -- fixtures
@@ -23,6 +23,14 @@ def test_paired_change_is_the_mean_difference_with_its_paired_standard_error():
 
 def _rows(*figures):
     return [{"steps": 10 * (i + 1), "eot": 1, "correct": c} for i, c in enumerate(figures)]
+
+
+def test_robust_under_every_rung_counts_an_example_only_where_no_rung_broke_it():
+    # each rung breaks an example the others leave (flips both ways): every rung alone leaves 4 of 5, only 2 of
+    # 5 survive all three
+    e = every_rung(_rows([1, 1, 1, 0, 1], [1, 0, 1, 1, 1], [1, 1, 0, 1, 1]))
+    assert e["every_rung"] == pytest.approx(0.4)
+    assert e["every_rung_se"] == pytest.approx((0.4 * 0.6 / 4) ** 0.5)  # as the harness's worst_se: n - 1
 
 
 def test_verdict_names_the_smallest_rung_the_largest_does_not_lower_beyond_one_standard_error():
@@ -53,8 +61,7 @@ def test_each_rung_is_the_harness_at_that_budget_on_the_same_examples(cnn, batch
     assert top["correct"] == [all(v) for v in direct["per_example"]["pgd-eot"]]
     assert top["vs_previous"]["change"] == pytest.approx(top["worst"] - lad["rungs"][0]["worst"])
     assert lad["examples"] == 8 and lad["evals"] == 2
-    every = [a and b for a, b in zip(lad["rungs"][0]["correct"], top["correct"])]
-    assert lad["every_rung"] == sum(every) / 8 <= min(r["worst"] for r in lad["rungs"])
+    assert lad["every_rung"] == every_rung(lad["rungs"])["every_rung"]
 
 
 def test_robustness_report_carries_each_defenses_ladder(folders, tmp_path):  # noqa: F811
