@@ -59,10 +59,12 @@ def verdict(rows: list[dict]) -> dict:
 def every_rung(rows: list[dict]) -> dict:
     """The share of examples no rung broke (an attacker who ran every budget keeps whichever broke an example:
     the upper bound to quote), with the harness's standard error of a worst-case figure."""
-    robust = [all(c) for c in zip(*(row["correct"] for row in rows))]
-    n = len(robust)
-    p = sum(robust) / n
-    return {"every_rung": p, "every_rung_se": math.sqrt(p * (1 - p) / max(1, n - 1))}
+    import torch
+
+    from .harness import accuracy_stats
+
+    s = accuracy_stats(torch.tensor([row["correct"] for row in rows]))  # worst: survives every row
+    return {"every_rung": s["worst"], "every_rung_se": s["worst_se"]}
 
 
 def run_ladder(model, x, y, attack: str, rungs, budget: Budget, out: str | Path | None = None,
@@ -123,8 +125,7 @@ def render_ladder(label: str, lad: dict) -> list[str]:
                    f"**Not converged**: the largest budget ({big['steps']} x {big['eot']}) still lowers the rung "
                    f"below it by {100 * -c['change']:.1f} ± {100 * c['se']:.1f} points (paired, p = {c['p']:.3f}); "
                    "every figure here is an upper bound that more effort may lower."), ""]
-    if "every_rung" in lad:  # records written before this figure existed lack it
-        lines[-1:] = ["", f"Robust under every rung: {100 * lad['every_rung']:.1f} ± {100 * lad['every_rung_se']:.1f}% "
-                          "(an example counts only where no budget broke it: the figure to quote, since the rungs' "
-                          "own randomness can leave a larger rung above a smaller one).", ""]
+    lines += [f"Robust under every rung: {100 * lad['every_rung']:.1f} ± {100 * lad['every_rung_se']:.1f}% (an "
+              "example counts only where no budget broke it: the figure to quote, since the rungs' own randomness "
+              "can leave a larger rung above a smaller one).", ""]
     return lines
