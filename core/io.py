@@ -141,8 +141,9 @@ def tensor_digest(*tensors: torch.Tensor) -> str:
 
 def module_digest(module) -> str | None:
     """sha256 of a model's structure (its repr, which names every layer and a purifier's t_star / steps / mode),
-    every submodule's `config()` where it has one, and every weight and buffer: which model a record was made
-    with. None for no model."""
+    every submodule's `config()` where it has one, the plain attributes of a submodule that neither a config nor
+    an `extra_repr` describes (a user's `Noise(sigma)` is told apart by its sigma), and every weight and buffer:
+    which model a record was made with. None for no model."""
     import hashlib
 
     if module is None:
@@ -153,10 +154,66 @@ def module_digest(module) -> str | None:
             with contextlib.suppress(Exception):
                 cfg = {k: v for k, v in m.config().items() if k != "seed"}
                 h.update(f"{name}:{json.dumps(cfg, sort_keys=True, default=str)}".encode())
+    for name, m in _undescribed(module):
+        plain, _ = _attributes(m)
+        if plain:
+            h.update(f"{name}:attributes:{json.dumps(plain, sort_keys=True)}".encode())
     for name, t in sorted(module.state_dict().items()):
         h.update(name.encode())
         h.update(tensor_digest(t).encode())
     return h.hexdigest()
+
+
+def undigested(module) -> list[str]:
+    """The attributes `module_digest` cannot read ("submodule.name"): objects without a repr of their own, on
+    submodules that neither a config nor an `extra_repr` describes. Two models that differ only there have one
+    digest, so records made with such a model must not be reused."""
+    if module is None:
+        return []
+    return [f"{name}.{k}" if name else k for name, m in _undescribed(module) for k in _attributes(m)[1]]
+
+
+def _undescribed(module):
+    """(name, submodule) for every submodule with an empty `extra_repr` and no config, its own (a `config()`, a
+    diffusers model's config dict, a classifier's config dataclass) or an enclosing module's."""
+    covered = []
+    for name, m in module.named_modules():
+        if any(c == "" or name == c or name.startswith(c + ".") for c in covered):
+            continue
+        if getattr(m, "config", None) is not None:
+            covered.append(name)
+        elif not m.extra_repr():
+            yield name, m
+
+
+_PLAIN = (bool, int, float, str, type(None), torch.dtype, torch.device)
+
+
+def _plain(v) -> bool:
+    if isinstance(v, (list, tuple)):
+        return all(_plain(u) for u in v)
+    if isinstance(v, dict):
+        return all(isinstance(k, str) and _plain(u) for k, u in v.items())
+    return isinstance(v, _PLAIN)
+
+
+def _attributes(m) -> tuple[dict, list[str]]:
+    """A module's own public attributes, as ({name: plain value or its digest}, [names of the others])."""
+    plain, other = {}, []
+    for k, v in vars(m).items():
+        if k.startswith("_") or k in ("training", "seed") or isinstance(v, torch.Generator):
+            continue  # randomness is reseeded per record, never a setting
+        if _plain(v):
+            plain[k] = json.loads(json.dumps(v, default=str))
+        elif isinstance(v, torch.Tensor):
+            plain[k] = tensor_digest(v)
+        elif callable(v) and hasattr(v, "__qualname__") and "<" not in v.__qualname__:
+            plain[k] = f"{getattr(v, '__module__', '')}.{v.__qualname__}"  # a named function or class
+        elif type(v).__repr__ is not object.__repr__:
+            plain[k] = repr(v)
+        else:
+            other.append(k)
+    return plain, other
 
 
 def fingerprint(folder: str | Path) -> str:

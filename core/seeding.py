@@ -3,6 +3,8 @@ the global RNG, so a resumed run needs no RNG state and reaches the same weights
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 from torch.utils.data import Sampler
 
@@ -13,6 +15,12 @@ def step_seed(seed: int, step: int, rank: int = 0, stream: int = 0) -> int:
     """A 63-bit seed for one (run seed, step, process, stream); distinct inputs give distinct seeds."""
     h = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + rank * 0x94D049BB133111EB + stream * 0x2545F4914F6CDD1D)
     return h % (2**63 - 1)
+
+
+def derive_seed(seed: int, *parts) -> int:
+    """A 31-bit seed for whatever an evaluation draws from (run seed, then what it is for: a job and batch, an
+    example, a draw, a step): the same parts give the same seed on any process, after any interruption."""
+    return zlib.crc32("/".join(map(str, (seed, *parts))).encode()) & 0x7FFFFFFF
 
 
 def step_generator(seed: int, step: int, rank: int = 0, stream: int = 0, device="cpu") -> torch.Generator:

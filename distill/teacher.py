@@ -128,8 +128,7 @@ def purification_curve(cfg: TeacherConfig, out: Path, sched_cfg: dict, device):
     """A function (ema, step) that appends the EMA teacher's purified clean accuracy to OUT/curve.jsonl."""
     from core.checkpoint import load_classifier
     from core.datasets import load_dataset, to_tensors
-    from eval.accuracy import purify_batches
-    from robust_data.squeeze import accuracy
+    from core.metrics import accuracy, purify_batches
 
     clf = load_classifier(cfg.curve_classifier, device)
     x, y = to_tensors(load_dataset(cfg.dataset, "test", root=cfg.data_root, image_size=cfg.image_size)[0],

@@ -82,12 +82,12 @@ def main(argv=None):
         run_or_exit(quickstart, out, fast=args.fast or args.smoke, cfg=cfg)
         print(f"report written to {out}/report.md")
     elif args.command == "accuracy":
-        from .accuracy import purified_accuracy
+        from .bench.accuracy import purified_accuracy
 
         print(json.dumps(run_or_exit(purified_accuracy, args.purifier, args.classifier, args.dataset, args.n,
                                      args.batch_size, args.seed, args.data_root), indent=2))
     elif args.command == "compare":
-        from .compare import compare, render
+        from .bench.fidelity import compare, render
 
         result = run_or_exit(compare, args.teacher, args.student, args.classifier, args.dataset, args.n,
                              args.batch_size, args.seed, args.out, args.data_root, tuple(args.baseline_steps))
@@ -105,7 +105,7 @@ def main(argv=None):
         run_or_exit(run_certify, cfg, args.out)
         print(f"report written to {args.out}/report.md")
     elif args.command == "latency":
-        from .latency import run_latency
+        from .bench.latency import run_latency
 
         run_or_exit(run_latency, args.purifier, args.classifier, args.batch_size or [1, 64], args.out,
                     warmup=args.warmup, repeats=args.repeats, device=args.device, autocast=args.autocast,

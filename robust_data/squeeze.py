@@ -13,6 +13,7 @@ from core.checkpoint import save_classifier
 from core.datasets import load_dataset, to_tensors
 from core.errors import InputError
 from core.io import atomic_write_json
+from core.metrics import accuracy
 from core.models import build_classifier, classifier_config_for
 from core.runs import open_run
 from core.training import LoopConfig, cosine_schedule, fit
@@ -67,17 +68,6 @@ def training_inputs(x: torch.Tensor, cfg: SqueezeConfig, g: torch.Generator) -> 
     if cfg.noise_sd > 0:
         x = x + cfg.noise_sd * torch.randn(x.shape, generator=g, device=g.device, dtype=x.dtype).to(x.device)
     return x
-
-
-@torch.inference_mode()
-def accuracy(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512, device="cpu") -> float:
-    """Top-1 accuracy of `model` on tensors (x, y)."""
-    was_training = model.training
-    model.eval()
-    correct = sum((model(x[i:i + batch_size].to(device)).argmax(1).cpu() == y[i:i + batch_size]).sum().item()
-                  for i in range(0, len(x), batch_size))
-    model.train(was_training)
-    return correct / max(1, len(x))
 
 
 def train_squeeze(cfg: SqueezeConfig, out: str | Path, resume: bool = False) -> Path:

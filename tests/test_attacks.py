@@ -197,7 +197,7 @@ class RandomSign(Noise):
 
 
 def test_gradient_probe_flags_near_orthogonal_draws_and_not_an_additive_noise():
-    from eval.checks import gradient_probe
+    from eval.harness.checks import gradient_probe
 
     clf_, (x, y) = digits_cnn(), to_tensors(load_dataset("digits", "test")[0], 8)
     f = gradient_probe(Defended(RandomSign(), clf_), x, y, seed=0)

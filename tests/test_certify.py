@@ -15,14 +15,13 @@ from eval.certify import (
     CertifyConfig,
     GaussianSmoothing,
     Smoothing,
-    binom_test_p,
     certify,
-    clopper_pearson_lower,
     predict,
     purifier_sigma,
     run_certify,
     t_star_for_sigma,
 )
+from eval.stats import binom_test_p, clopper_pearson_lower
 from purify import ConsistencyStudent, DiffPure, VPSchedule
 
 from .conftest import scheduler_config, tiny_unet
@@ -217,8 +216,8 @@ def test_the_attack_on_a_smoothed_linear_classifier_stops_at_its_true_radius_and
     """Gaussian smoothing keeps a linear classifier's boundary, so the smoothed classifier's true L2 radius is the
     distance d to it: L2 PGD on the soft vote at radius 0.3 must flip the points with d < 0.3 and not the others;
     certificates below d raise nothing, certificates beyond d are contradicted and flagged."""
+    from eval.certify.attack import SmoothedAttack, attack_smoothed, compare
     from eval.defended import Defended
-    from eval.smoothed_attack import SmoothedAttack, attack_smoothed, compare
 
     clf = Linear()
     w = clf.w / clf.w.norm()

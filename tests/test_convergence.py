@@ -6,7 +6,8 @@ import pytest
 
 from core.errors import InputError
 from eval import Budget, Defended, evaluate
-from eval.convergence import check_ladder, every_rung, paired_change, run_ladder, verdict
+from eval.robustness.ladder import check_ladder, every_rung, run_ladder, verdict
+from eval.stats import paired_change
 
 from .conftest import digits_cnn
 from .test_attacks import batch, cnn  # noqa: F401 -- fixtures
@@ -89,7 +90,7 @@ def _result(worst_all: list, seed=0):
 
 
 def test_rows_above_a_reference_on_the_examples_both_saw_are_the_ones_escalated():
-    from eval.escalate import above_references
+    from eval.robustness.escalate import above_references
 
     results = {"teacher": _result([True] * 4 + [False] * 4), "student": _result([True] * 6 + [False] * 2),
                "weak": _result([True] * 2 + [False] * 6)}
@@ -100,7 +101,7 @@ def test_rows_above_a_reference_on_the_examples_both_saw_are_the_ones_escalated(
 
 
 def test_escalation_attacks_again_by_transfer_and_square_and_keeps_the_worst_case(cnn, batch):  # noqa: F811
-    from eval.escalate import escalate
+    from eval.robustness.escalate import escalate
 
     x, y = batch[0][:8], batch[1][:8]
     model = Defended(Noise(), cnn)

@@ -17,7 +17,7 @@ from core.datasets import load_dataset, to_tensors
 from core.errors import InputError
 from eval import Defended, evaluate
 from eval.attacks import ATTACKS
-from eval.budget import Budget
+from eval.harness import Budget
 from purify import DiffPure, Purifier
 
 from .conftest import digits_cnn, scheduler_config, tiny_unet
@@ -332,7 +332,7 @@ def test_records_of_another_evaluation_are_never_mixed_in(clf, data, tmp_path):
 
 def test_full_gradient_attacks_checkpoint_long_purifiers_only_when_memory_asks_and_only_while_they_run(
         clf, data, monkeypatch):
-    import eval.memory as memory
+    import eval.harness.memory as memory
 
     x, y = data[0][:8], data[1][:8]
     purifier = DiffPure(tiny_unet(1, 16), scheduler_config(), t_star=0.002, steps=10)
@@ -374,7 +374,7 @@ def test_checkpointed_gradient_through_the_purifier_equals_the_plain_one(clf, da
 
 
 def test_graph_bytes_counts_each_saved_activation_once_and_no_weights():
-    from eval.memory import graph_bytes
+    from eval.harness.memory import graph_bytes
 
     class Toy(nn.Module):  # conv saves its input and its weight; h * h saves h twice
         def __init__(self):
@@ -391,7 +391,7 @@ def test_graph_bytes_counts_each_saved_activation_once_and_no_weights():
 
 
 def test_available_memory_is_the_tightest_limit_shared_by_the_local_processes(monkeypatch):
-    import eval.memory as memory
+    import eval.harness.memory as memory
 
     monkeypatch.setattr(memory, "_meminfo_available", lambda: 10 * 2**30)
     monkeypatch.setattr(memory, "_cgroup_available", lambda: None)
@@ -404,8 +404,8 @@ def test_available_memory_is_the_tightest_limit_shared_by_the_local_processes(mo
 
 
 def test_auto_checkpoints_the_share_of_steps_that_memory_asks_for(clf, data, monkeypatch):
-    import eval.memory as memory
-    from eval.memory import graph_bytes
+    import eval.harness.memory as memory
+    from eval.harness.memory import graph_bytes
 
     x, y = data[0][:8], data[1][:8]
     purifier = DiffPure(tiny_unet(1, 16), scheduler_config(), t_star=0.002, steps=10)

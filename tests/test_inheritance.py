@@ -111,7 +111,7 @@ def test_curve_without_a_classifier_fails_before_training(tmp_path):
 
 def test_the_smaller_seeded_draw_sits_inside_the_larger_one_where_subset_positions_says():
     from core.datasets import load_dataset, to_tensors
-    from eval.matched import subset_positions
+    from eval.robustness.matched import subset_positions
 
     ds = load_dataset("digits", "test")[0]
     for small, big, seed in ((16, 64, 0), (5, 359, 3), (32, 100, 7)):
@@ -128,7 +128,7 @@ def _result(attacks: dict, evals=2, examples=8, stochastic=True, per_example=Non
 
 
 def test_weaker_names_every_way_a_row_was_attacked_more_weakly():
-    from eval.matched import weaker
+    from eval.robustness.matched import weaker
 
     results = {"undefended": _result({"pgd": (10, 1)}, evals=1, stochastic=False),
                "student": _result({"pgd-eot": (20, 4), "bpda-eot": (20, 4)}),
@@ -140,7 +140,7 @@ def test_weaker_names_every_way_a_row_was_attacked_more_weakly():
 
 
 def test_rows_on_shared_examples_use_exactly_the_smaller_rows_images():
-    from eval.matched import shared_examples
+    from eval.robustness.matched import shared_examples
 
     # 6 test images, the big row saw all 6 (positions 0..5), the small one the first 3 of seed 0's permutation
     perm = torch.randperm(6, generator=torch.Generator().manual_seed(0))[:3].sort().values.tolist()

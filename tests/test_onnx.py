@@ -87,7 +87,7 @@ def test_export_command_writes_the_file_and_refuses_a_folder_that_is_not_a_purif
 
 def test_the_runner_is_a_purifier_for_the_harness_and_the_latency_benchmark(tmp_path):
     from eval import Defended, evaluate, onnx_purifier
-    from eval.latency import benchmark
+    from eval.bench.latency import benchmark
 
     p = STUDENTS["consistency-1"]()
     export_onnx(p, tmp_path / "s.onnx")

@@ -54,6 +54,61 @@ def test_a_purifier_with_other_weights_or_t_star_has_another_digest():
     assert module_digest(Defended(a, clf)) != module_digest(Defended(a, clf, votes=3))
 
 
+class Noise(nn.Module):
+    """A user's own defense set by a plain attribute: no weights, no config(), no extra_repr."""
+
+    def __init__(self, sigma: float, seed: int = 0):
+        super().__init__()
+        self.sigma, self.gen = sigma, torch.Generator().manual_seed(seed)
+
+    def manual_seed(self, seed):
+        self.gen = torch.Generator().manual_seed(seed)
+        return self
+
+    def forward(self, x):
+        return (x + self.sigma * torch.randn(x.shape, generator=self.gen)).clamp(0, 1)
+
+
+def test_a_defense_set_by_a_plain_attribute_is_keyed_on_it(data, tmp_path):
+    """Noise(0.01) and then Noise(0.9) into one folder: the second is refused, never given the first's report."""
+    x, y = data
+    clf = digits_cnn()
+    kw = {**KW, "attacks": [], "evals": 1}
+    first = evaluate(Defended(Noise(0.01), clf), x, y, out=tmp_path / "e", **kw)
+    assert evaluate(Defended(Noise(0.01), clf), x, y, out=tmp_path / "e", **kw)["clean"] == first["clean"]
+    with pytest.raises(FileExistsError, match="model"):
+        evaluate(Defended(Noise(0.9), clf), x, y, out=tmp_path / "e", **kw)
+    own = evaluate(Defended(Noise(0.9), clf), x, y, out=tmp_path / "f", **kw)["clean"]["average"]
+    assert own < first["clean"]["average"]  # the setting changes the figure: a shared digest would have hidden it
+    assert module_digest(Noise(0.01)) != module_digest(Noise(0.9))
+
+
+class Opaque:
+    """A setting held in an object with no repr of its own: the digest cannot read it."""
+
+    def __init__(self, sigma):
+        self.sigma = sigma
+
+
+class OpaqueNoise(Noise):
+    def __init__(self, sigma: float):
+        super().__init__(0.0)
+        self.setting = Opaque(sigma)
+
+    def forward(self, x):
+        return (x + self.setting.sigma * torch.randn(x.shape, generator=self.gen)).clamp(0, 1)
+
+
+def test_records_of_a_defense_the_digest_cannot_tell_apart_are_not_reused(data, tmp_path):
+    x, y = data
+    clf = digits_cnn()
+    kw = {**KW, "attacks": [], "evals": 1}
+    assert module_digest(OpaqueNoise(0.01)) == module_digest(OpaqueNoise(0.9))  # the case the digest cannot see
+    evaluate(Defended(OpaqueNoise(0.01), clf), x, y, out=tmp_path / "e", **kw)  # a new folder: runs and records
+    with pytest.raises(InputError, match="setting"):
+        evaluate(Defended(OpaqueNoise(0.9), clf), x, y, out=tmp_path / "e", **kw)
+
+
 def test_robustness_command_refuses_a_retrained_classifier_in_the_same_folders(tmp_path):
     from core.checkpoint import save_classifier
     from core.models import ClassifierConfig, build_classifier
@@ -63,7 +118,7 @@ def test_robustness_command_refuses_a_retrained_classifier_in_the_same_folders(t
                              mean=[0.5], std=[0.5])
     torch.manual_seed(0)
     save_classifier(build_classifier(cfg_c), tmp_path / "clf", cfg_c)
-    from eval.budget import Budget
+    from eval.harness import Budget
 
     cfg = EvalConfig(classifier=str(tmp_path / "clf"), defenses=["none"],
                      budget=Budget(attacks=["pgd"], n=8, steps={"pgd": 2}, check_steps=False))
@@ -77,7 +132,7 @@ def test_robustness_command_refuses_a_retrained_classifier_in_the_same_folders(t
 def test_a_row_added_to_a_finished_run_reuses_the_others_records_and_nothing_else_may_change(tmp_path):
     from core.checkpoint import save_classifier
     from core.models import ClassifierConfig, build_classifier
-    from eval.budget import Budget
+    from eval.harness import Budget
     from eval.robustness import EvalConfig, run_robustness
 
     cfg_c = ClassifierConfig(arch="convnet", in_channels=1, num_classes=10, image_size=16, width=4, depth=1,

@@ -13,9 +13,9 @@ import torch.nn as nn
 from core.datasets import load_dataset, to_tensors
 from eval import Defended, evaluate
 from eval.attacks import ATTACKS, build_attack
-from eval.budget import Budget
-from eval.checks import accuracy_checks
-from eval.harness import Job, summarize
+from eval.harness import Budget
+from eval.harness.checks import accuracy_checks
+from eval.harness.evaluate import Job, summarize
 from purify import ConsistencyStudent, DiffPure, ProgressiveStudent, Purifier, load_purifier
 
 from .conftest import digits_cnn, scheduler_config, tiny_unet
@@ -141,7 +141,7 @@ def test_autoattack_uses_the_standard_nine_targets_on_a_100_class_model():
 # 4. compare: the same diffusion noise for every purifier on every batch -------------------------------------------
 
 def test_every_purifier_gets_the_same_noise_at_t_star_on_every_batch(monkeypatch):
-    from eval.accuracy import purify_batches
+    from core.metrics import purify_batches
 
     unet = tiny_unet(1, 16)
     teacher = DiffPure(unet, scheduler_config(), t_star=0.1, steps=4, mode="sde")  # 1 + 3 draws per batch
@@ -163,7 +163,7 @@ def test_every_purifier_gets_the_same_noise_at_t_star_on_every_batch(monkeypatch
 
 
 def test_compare_of_a_purifier_with_its_own_copy_gives_identical_outputs(tmp_path):
-    from eval.accuracy import purify_batches
+    from core.metrics import purify_batches
 
     p = DiffPure(tiny_unet(1, 16), scheduler_config(), t_star=0.1, steps=3, mode="sde")
     p.save(tmp_path / "a")
@@ -218,7 +218,7 @@ def test_sweep_and_check_jobs_use_exactly_their_examples(clf, data):
 
 
 def test_flips_count_each_example_by_the_way_it_changed():
-    from eval.checks import flips
+    from eval.stats import flips
 
     base, doubled = [1, 1, 0, 0, 1, 1], [1, 0, 1, 0, 0, 1]
     assert flips(base, doubled) == (2, 1)  # examples 1 and 4 broken by the doubled run, example 2 recovered

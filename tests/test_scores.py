@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from core.errors import InputError
 from eval import evaluate
-from eval.scores import bench_scores
+from eval.robustness.scores import bench_scores
 
 
 def test_scores_reproduce_a_published_beard_row():
@@ -52,8 +52,8 @@ def test_deepfool_finds_the_linear_boundary_and_stays_beside_the_threat_model():
     assert r["attacks"]["pgd"]["average"] == 1.0  # eps 0.01 is far below 0.21
     assert r["worst_over_attacks"] == 1.0  # the unbounded attacks are reported beside, not inside, the threat model
     assert set(r["beside_threat"]) == {"deepfool", "cw-l2"}
-    from eval.escalate import _worst_all
-    from eval.matched import on_examples
+    from eval.robustness.escalate import _worst_all
+    from eval.robustness.matched import on_examples
 
     assert _worst_all(r) == [True, True] and on_examples(r, [0, 1])["all attacks"]["worst"] == 1.0
     r = evaluate(Linear(), x, y, ["cw-l2"], norm="Linf", eps=0.01, check_steps=False, progress=None,
@@ -67,11 +67,11 @@ def test_an_attack_with_its_own_norm_takes_its_own_epsilon():
     y = torch.tensor([0])
     with pytest.raises(InputError, match="pgd-l2.*eps"):
         evaluate(Linear(), x, y, ["pgd", "pgd-l2"], norm="Linf", eps=0.01, progress=None)
-    from eval.budget import Budget
+    from eval.harness import Budget
 
     with pytest.raises(InputError, match="attack_eps is for attacks under another norm"):
         evaluate(Linear(), x, y, budget=Budget(attacks=["pgd"], attack_eps={"pgd": 0.5}), eps=0.01, progress=None)
-    from eval.budget import Budget
+    from eval.harness import Budget
 
     r = evaluate(Linear(), x, y, budget=Budget(attacks=["pgd", "pgd-l2"], attack_eps={"pgd-l2": 0.5}, check_steps=False),
                  norm="Linf", eps=0.01, progress=None)
@@ -82,7 +82,7 @@ def test_an_attack_with_its_own_norm_takes_its_own_epsilon():
 def test_robustness_command_prints_the_benchmark_scores_of_the_attacks_it_is_given(tmp_path):
     from core.checkpoint import save_classifier
     from core.models import ClassifierConfig, build_classifier
-    from eval.budget import Budget
+    from eval.harness import Budget
     from eval.robustness import EvalConfig, run_robustness
 
     cfg_c = ClassifierConfig(arch="convnet", in_channels=1, num_classes=10, image_size=16, width=4, depth=1,

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torchattacks
 
 from .base import AttackContext, margin_loss
+from .pgd import build_apgd_eot
 
 AA_TARGETS = 9  # standard AutoAttack: APGD-T and FAB-T against the 9 highest-scoring wrong classes
 
@@ -169,8 +170,6 @@ def build_autoattack(model, ctx: AttackContext):
 def build_autoattack_rand(model, ctx: AttackContext):
     """AutoAttack's version for randomized defenses: APGD-CE and APGD-DLR with EOT over `eot` passes per step,
     drawn as one batch (ours, `apgd-eot`: torchattacks' APGD draws its `eot_iter` passes one after another)."""
-    from .pgd import build_apgd_eot
-
     parts = [(f"apgd-{loss}", build_apgd_eot(model, ctx, loss)) for loss in ("ce", "dlr")]
     if not ctx.stochastic:
         return Composed(model, parts)

@@ -14,7 +14,7 @@ from robust_data.relabel import RelabelConfig
 from robust_data.squeeze import SqueezeConfig
 from robust_data.train import TrainConfig
 
-from ..budget import Budget
+from ..harness import Budget
 from ..robustness import EvalConfig
 
 

@@ -14,8 +14,9 @@ from core.plots import image_grid
 from purify import load_purifier
 
 from ..attacks import preset_eps
-from ..matched import pm
+from ..certify.report import body as certify_body
 from ..plots import pareto_front, robust_vs_eps, robust_vs_latency, training_curves
+from ..stats import paired_counts, pm
 from .config import QuickstartConfig
 
 
@@ -29,8 +30,6 @@ def ms_per_image(latency: dict, defense: str, classifier: str, batch: int) -> fl
 
 def _convergence(rows: list[dict]) -> list[str]:
     """Did the budget converge? The rows' doubled-steps reruns, paired on the same examples."""
-    from ..convergence import paired_change
-
     checked = [row for row in rows if row.get("doubled_steps")]
     if not checked:
         return []
@@ -41,8 +40,7 @@ def _convergence(rows: list[dict]) -> list[str]:
     for row in checked:
         d = row["doubled_steps"]
         n, b, c = d["examples"], d["broken"], d["recovered"]
-        same = [True] * (n - b - c)  # only the flips matter to a paired reading
-        pc = paired_change([True] * b + [False] * c + same, [False] * b + [True] * c + same)
+        pc = paired_counts(b, c, n)
         moved = -pc["change"] > pc["se"] + 1e-12
         lines.append(f"- {row['classifier']} / {row['defense']}: {d['attack']} {100 * d['base']:.1f}% at {d['steps']} "
                      f"steps, {100 * d['doubled']:.1f}% at {2 * d['steps']} ({n} examples, {b} broken only by the "
@@ -145,7 +143,14 @@ def _pct(v) -> str:
 
 def render(r: dict) -> str:
     """The report a person reads."""
-    rows, st, h = r["rows"], r["stages"], r["config"]["harness"]
+    rows = r["rows"]
+    lines = _main_table(r, rows) + _weaker(rows) + _shared(r, rows) + _budgets(rows) + _convergence(rows)
+    lines += _front(r, rows) + _sweeps(rows) + _certified(r) + _latency(r) + _stages(r) + _closing(r, rows)
+    return "\n".join(lines)
+
+
+def _main_table(r: dict, rows: list[dict]) -> list[str]:
+    h = r["config"]["harness"]
     present = {a for row in rows for a in row["attacks"]}
     attacks = [a for a in dict.fromkeys(h["bare"].get("attacks", []) + h["budget"]["attacks"] + sorted(present))
                if a in present]
@@ -164,11 +169,21 @@ def render(r: dict) -> str:
         cells += [_aw(row["attacks"][a], row["evals"]) if a in row["attacks"] else "n/a" for a in attacks]
         cells += [_pct(row["all_attacks"]), ", ".join(row["raised"]) or "none"]
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _weaker(rows: list[dict]) -> list[str]:
     weak = [row for row in rows if row["weaker"]]
-    if weak:
-        lines += ["", "\\* attacked more weakly than the other rows of its classifier (an upper bound, drawn hollow "
-                  "in the plot and kept off the Pareto front): " +
-                  "; ".join(f"{row['classifier']}/{row['defense']} ({', '.join(row['weaker'])})" for row in weak) + "."]
+    if not weak:
+        return []
+    return ["", "\\* attacked more weakly than the other rows of its classifier (an upper bound, drawn hollow "
+            "in the plot and kept off the Pareto front): " +
+            "; ".join(f"{row['classifier']}/{row['defense']} ({', '.join(row['weaker'])})" for row in weak) + "."]
+
+
+def _shared(r: dict, rows: list[dict]) -> list[str]:
+    """The teacher and every student of a classifier on the teacher's examples."""
+    lines = []
     for clf, sh in r.get("shared", {}).items():
         if not sh:
             continue
@@ -182,73 +197,97 @@ def render(r: dict) -> str:
         lines += [f"| {label}{' *' if label in starred else ''} | " +
                   " | ".join(f"{pm(v[c], 'average')} / {pm(v[c], 'worst')}" if c in v else "-" for c in cols) + " |"
                   for label, v in sh["rows"].items()]
+    return lines
+
+
+def _budgets(rows: list[dict]) -> list[str]:
     budgets = {}
     for row in rows:
         budgets.setdefault(_budget_line(row), []).append(f"{row['classifier']}/{row['defense']}")
-    lines += ["", "Budgets (reduced, to fit the quickstart; `python -m eval robustness --config FILE` runs any other, "
-              "e.g. the matched teacher-and-students budget of `configs/digits/inheritance.yaml`):", ""]
+    lines = ["", "Budgets (reduced, to fit the quickstart; `python -m eval robustness --config FILE` runs any other, "
+             "e.g. the matched teacher-and-students budget of `configs/digits/inheritance.yaml`):", ""]
     for key, who in budgets.items():
         defenses = sorted({w.split("/", 1)[1] for w in who})
         lines.append(f"- {', '.join(defenses)}: {key}")
-    lines += _convergence(rows)
-    teacher_nfe = next((row["nfe"] for row in rows if row["defense"] == "teacher"), "DiffPure")
-    lines += ["", "`pgd` on a purified classifier follows the full gradient of one purification per step; `pgd-eot` "
-              "averages it over EOT purifications; `bpda-eot` replaces the purifier's backward pass by the identity. "
-              f"Behind the standard classifier the {teacher_nfe}-step teacher faces the students' attacks (full "
-              f"gradients through every step, checkpointed) on fewer images ({teacher_nfe} network calls per "
-              "gradient); behind the distilled-data classifiers it gets a BPDA bound only, marked *.", "",
-              "## Robustness against latency", "", "![robust accuracy against ms per image](robust_vs_latency.png)", "",
-              "The Pareto front, fastest first (no other defense is both faster and more robust, `all attacks`; "
-              "rows attacked more weakly, hollow in the plot, are left out):", ""]
-    lines += [f"- {clf}: " + " -> ".join(front) for clf, front in r["pareto"].items()]
-    sweeps = [row for row in rows if row["sweep"]]
-    if sweeps:
-        lines += ["", "## Robust accuracy against epsilon", "", "![robust accuracy against epsilon](robust_vs_eps.png)",
-                  ""]
-        lines += [f"- {row['classifier']} / {row['defense']}: " +
-                  ", ".join(f"{p['eps']:g}: {_pct(p['accuracy'])}" for p in row["sweep"]) for row in sweeps]
-    if r.get("certify"):
-        from ..certify_report import body
+    return lines
 
-        lines += ["", "## Certified robustness (randomized smoothing)", "",
-                  "A lower bound beside the attacks' upper bounds: the standard classifier behind DDS (the teacher's "
-                  "one-shot denoiser) and the 1-step students, and under Gaussian noise of the same sigma bare and "
-                  "trained with that noise (`certify/report.md`; `python -m eval certify` for Cohen's N).", "",
-                  *body(r["certify"], "###", "certify/")]
-    lines += ["", "## Clean, adversarial, purified", "", "![clean / adversarial / purified](purification_grid.png)", "",
-              "## Latency", "", "| purifier / classifier | NFE | batch | median s | ms / image | images / s | "
-              "speed-up vs teacher |", "|---|---|---|---|---|---|---|"]
+
+def _front(r: dict, rows: list[dict]) -> list[str]:
+    teacher_nfe = next((row["nfe"] for row in rows if row["defense"] == "teacher"), "DiffPure")
+    lines = ["", "`pgd` on a purified classifier follows the full gradient of one purification per step; `pgd-eot` "
+             "averages it over EOT purifications; `bpda-eot` replaces the purifier's backward pass by the identity. "
+             f"Behind the standard classifier the {teacher_nfe}-step teacher faces the students' attacks (full "
+             f"gradients through every step, checkpointed) on fewer images ({teacher_nfe} network calls per "
+             "gradient); behind the distilled-data classifiers it gets a BPDA bound only, marked *.", "",
+             "## Robustness against latency", "", "![robust accuracy against ms per image](robust_vs_latency.png)", "",
+             "The Pareto front, fastest first (no other defense is both faster and more robust, `all attacks`; "
+             "rows attacked more weakly, hollow in the plot, are left out):", ""]
+    return lines + [f"- {clf}: " + " -> ".join(front) for clf, front in r["pareto"].items()]
+
+
+def _sweeps(rows: list[dict]) -> list[str]:
+    sweeps = [row for row in rows if row["sweep"]]
+    if not sweeps:
+        return []
+    lines = ["", "## Robust accuracy against epsilon", "", "![robust accuracy against epsilon](robust_vs_eps.png)", ""]
+    return lines + [f"- {row['classifier']} / {row['defense']}: " +
+                    ", ".join(f"{p['eps']:g}: {_pct(p['accuracy'])}" for p in row["sweep"]) for row in sweeps]
+
+
+def _certified(r: dict) -> list[str]:
+    if not r.get("certify"):
+        return []
+    return ["", "## Certified robustness (randomized smoothing)", "",
+            "A lower bound beside the attacks' upper bounds: the standard classifier behind DDS (the teacher's "
+            "one-shot denoiser) and the 1-step students, and under Gaussian noise of the same sigma bare and "
+            "trained with that noise (`certify/report.md`; `python -m eval certify` for Cohen's N).", "",
+            *certify_body(r["certify"], "###", "certify/")]
+
+
+def _latency(r: dict) -> list[str]:
+    lines = ["", "## Clean, adversarial, purified", "", "![clean / adversarial / purified](purification_grid.png)", "",
+             "## Latency", "", "| purifier / classifier | NFE | batch | median s | ms / image | images / s | "
+             "speed-up vs teacher |", "|---|---|---|---|---|---|---|"]
     for x in r["latency"]["rows"]:
         who = x["purifier"] if x["purifier"] != "none" else f"{x['classifier']} classifier alone"
         sp = "-" if x["speedup_vs_teacher"] is None else f"{x['speedup_vs_teacher']:.1f}x"
         lines.append(f"| {who} | {x['nfe']} | {x['batch_size']} | {x['median_s']:.4f} | {x['ms_per_image']:.2f} | "
                      f"{x['images_per_s']:.1f} | {sp} |")
-    robust = r["config"]["robust_objective"]
-    lines += ["", "## What each stage made", "", "| stage | result | training s | folder |", "|---|---|---|---|",
-              f"| standard classifier | test accuracy {_pct(st['classifier']['test_accuracy'])}% | "
-              f"{st['classifier']['seconds']:.0f} | `{st['classifier']['folder']}` |",
-              f"| DiffPure teacher | {st['teacher']['unet_parameters'] / 1e6:.2f}M-parameter UNet, t_star "
-              f"{st['teacher']['t_star']}, {st['teacher']['steps']} {st['teacher']['mode']} steps | "
-              f"{st['teacher']['seconds']:.0f} | `{st['teacher']['folder']}` |",
-              f"| progressive students | {len(st['progressive']['students'])} students | "
-              f"{st['progressive']['seconds']:.0f} | `{Path(st['progressive']['students'][0]).parent}` |",
-              f"| consistency students | {len(st['consistency']['students'])} students | "
-              f"{st['consistency']['seconds']:.0f} | `{Path(st['consistency']['students'][0]).parent}` |"]
+    return lines
+
+
+def _stages(r: dict) -> list[str]:
+    st, robust = r["stages"], r["config"]["robust_objective"]
+    lines = ["", "## What each stage made", "", "| stage | result | training s | folder |", "|---|---|---|---|",
+             f"| standard classifier | test accuracy {_pct(st['classifier']['test_accuracy'])}% | "
+             f"{st['classifier']['seconds']:.0f} | `{st['classifier']['folder']}` |",
+             f"| DiffPure teacher | {st['teacher']['unet_parameters'] / 1e6:.2f}M-parameter UNet, t_star "
+             f"{st['teacher']['t_star']}, {st['teacher']['steps']} {st['teacher']['mode']} steps | "
+             f"{st['teacher']['seconds']:.0f} | `{st['teacher']['folder']}` |",
+             f"| progressive students | {len(st['progressive']['students'])} students | "
+             f"{st['progressive']['seconds']:.0f} | `{Path(st['progressive']['students'][0]).parent}` |",
+             f"| consistency students | {len(st['consistency']['students'])} students | "
+             f"{st['consistency']['seconds']:.0f} | `{Path(st['consistency']['students'][0]).parent}` |"]
     for name in ("sre2l", robust):
         p = st[name]
         lines.append(f"| {name} data ({p['ipc']} per class, squeeze {p['objective']}) | squeezed model "
                      f"{_pct(p['squeeze_test_accuracy'])}%, student trained on the data {_pct(p['test_accuracy'])}% | "
                      f"- | `{p['distilled']}` |")
+    return lines
+
+
+def _closing(r: dict, rows: list[dict]) -> list[str]:
+    h = r["config"]["harness"]
     raised = [f"{row['classifier']}/{row['defense']}: {', '.join(row['raised'])}" for row in rows if row["raised"]]
-    lines += ["", "## Gradient-masking checks", "",
-              ("Raised: " + "; ".join(raised) + ". See `eval/<classifier>/report.md` for each flag's numbers and "
-               "meaning." if raised else "No flag raised on any row (`eval/<classifier>/report.md` lists every "
-               "check with its numbers)."),
-              "", "Seconds this run (a reused stage takes about 0): " +
-              ", ".join(f"{k} {v:.0f}" for k, v in r.get("seconds", {}).items()) + ".", "",
-              f"Per-classifier harness reports: `eval/<classifier>/report.md`; per-example records: "
-              f"`eval/<classifier>/<defense>/examples.jsonl`; n = {h['budget']['n']} test images per purified row.", ""]
-    return "\n".join(lines)
+    return ["", "## Gradient-masking checks", "",
+            ("Raised: " + "; ".join(raised) + ". See `eval/<classifier>/report.md` for each flag's numbers and "
+             "meaning." if raised else "No flag raised on any row (`eval/<classifier>/report.md` lists every "
+             "check with its numbers)."),
+            "", "Seconds this run (a reused stage takes about 0): " +
+            ", ".join(f"{k} {v:.0f}" for k, v in r.get("seconds", {}).items()) + ".", "",
+            f"Per-classifier harness reports: `eval/<classifier>/report.md`; per-example records: "
+            f"`eval/<classifier>/<defense>/examples.jsonl`; n = {h['budget']['n']} test images per purified row.", ""]
+
 
 def _aw(s: dict, evals: int) -> str:
     return _pct(s["average"]) if evals == 1 else f"{_pct(s['average'])} / {_pct(s['worst'])}"

@@ -11,7 +11,7 @@ from core.checkpoint import load_classifier
 from core.config import replace, save_config, to_dict
 from core.errors import InputError
 from core.io import atomic_write_json, atomic_write_text, read_json
-from core.runs import holds_other_config, process_state, run_stage, same_inputs_or_fail, same_or_fail
+from core.runs import process_state, run_stage, same_inputs_or_fail, same_or_fail
 from core.zoo import is_named
 from distill.consistency import train_consistency
 from distill.progressive import rounds, train_progressive
@@ -20,7 +20,8 @@ from purify import load_purifier
 from robust_data.pipeline import PipelineConfig, pipeline
 from robust_data.squeeze import train_squeeze
 
-from ..latency import benchmark, device_name, time_module
+from ..bench.latency import benchmark, device_name, time_module
+from ..certify import CertifyConfig, Smoothing, purifier_sigma, run_certify
 from ..robustness import run_robustness
 from .config import QuickstartConfig, eval_config, quickstart_config, stage_configs
 from .report import build_report, figures, render
@@ -74,8 +75,6 @@ def pretrained_teacher(cfg: QuickstartConfig, folder: Path) -> Path:
 def certify_stage(cfg: QuickstartConfig, out: Path, clf: Path, teacher: Path, purifiers: dict, stages: dict) -> dict:
     """Cohen's CERTIFY of the standard classifier behind DDS (the teacher's one-shot denoiser) and the 1-step
     students, bare under Gaussian noise of the teacher's sigma, and of a classifier trained with that noise."""
-    from ..certify import CertifyConfig, purifier_sigma, run_certify
-
     sigma = round(purifier_sigma(load_purifier(teacher)), 4)
     defenses = [{"purifier": "none", "sigma": sigma, "label": "gaussian"}]
     if not cfg.classifier_from:  # the job trains its classifier: train Cohen's baseline beside it
@@ -92,10 +91,7 @@ def certify_stage(cfg: QuickstartConfig, out: Path, clf: Path, teacher: Path, pu
                          attack_steps=c.attack_steps, attack_votes=c.attack_votes, attack_n=c.attack_n)
     # the job owns this folder: each row's records and attacks carry their own settings and are reused only when
     # those match (else refused by name), so a changed budget (an older job's folder) need not refuse the whole
-    if process_state().is_main_process and holds_other_config(out / "certify", cert):
-        (out / "certify" / "config.yaml").unlink()
-    process_state().wait_for_everyone()
-    return run_certify(cert, out / "certify")
+    return run_certify(cert, out / "certify", rows_decide=True)
 
 
 def quickstart(out: str | Path = "runs/quickstart", fast: bool = False, cfg: QuickstartConfig | None = None) -> dict:
@@ -103,19 +99,7 @@ def quickstart(out: str | Path = "runs/quickstart", fast: bool = False, cfg: Qui
     cfg = cfg or quickstart_config(fast)
     out = Path(out)
     stages = stage_configs(cfg)
-    plan = rounds(stages["progressive"])  # bad budgets fail here, before any training
-    if not cfg.student_steps or set(cfg.student_steps) - set(plan):
-        raise InputError(f"student_steps {cfg.student_steps} must be progressive rounds of "
-                         f"start_steps {cfg.progressive.start_steps}: {plan}")
-    if cfg.recover.ipc < 1:
-        raise InputError(f"recover.ipc must be a positive integer, got {cfg.recover.ipc}")
-    from ..certify import Smoothing
-
-    Smoothing(cfg.certify.n0, cfg.certify.n, cfg.certify.alpha, cfg.certify.batch).check()  # before any training
-    c = cfg.certify
-    if min(c.examples, c.attack_votes, c.attack_n) < 1 or c.attack_steps < 0:
-        raise InputError(f"certify.examples, attack_votes and attack_n must be >= 1 and certify.attack_steps >= 0, "
-                         f"got {c.examples}, {c.attack_votes}, {c.attack_n}, {c.attack_steps}")
+    check(cfg, stages)
     if process_state().is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -128,6 +112,52 @@ def quickstart(out: str | Path = "runs/quickstart", fast: bool = False, cfg: Qui
         return result
 
     print("stage 1/6: the standard classifier and the DiffPure teacher")
+    clf, teacher = models_stage(cfg, out, stages, timed)
+    print("stage 2/6: progressive and consistency students")
+    purifiers = students_stage(cfg, out, stages, teacher, timed)
+    print(f"stage 3/6: SRe2L and {cfg.robust_objective} distilled data ({cfg.recover.ipc} images per class)")
+    classifiers, pipelines = data_stage(cfg, out, stages, clf, timed)
+    print("stage 4/6: every classifier bare and behind every purifier, standard and adaptive attacks")
+    evals = {}
+    for name, folder in classifiers.items():
+        print(f"[eval] classifier: {name}")
+        same_inputs_or_fail(out / "eval" / name, {"classifier": folder, **purifiers})
+        evals[name] = timed(f"eval {name}", lambda: run_robustness(
+            eval_config(cfg, folder, purifiers, standard=name == "standard"), out / "eval" / name))
+    print("stage 5/6: certified robustness (randomized smoothing) of DDS, the 1-step students and Gaussian noise")
+    certified = timed("certify", lambda: certify_stage(cfg, out, clf, teacher, purifiers, stages))
+    if not process_state().is_main_process:  # under `accelerate launch`: the main process times and reports
+        return {}
+    print("stage 6/6: latency of every defense")
+    latency = timed("latency", lambda: measure_latency(cfg, purifiers, classifiers, out / "latency"))
+
+    report = build_report(cfg, out, fast, classifiers, purifiers, evals, latency, pipelines)
+    report["certify"] = certified
+    report["seconds"] = {"total": round(time.perf_counter() - t_start, 1), **clock}
+    figures(cfg, out, report, evals, purifiers)
+    atomic_write_json(out / "report.json", report, sort_keys=False)
+    atomic_write_text(out / "report.md", render(report))
+    print(render(report))
+    return report
+
+
+def check(cfg: QuickstartConfig, stages: dict) -> None:
+    """Every budget that would fail hours into the job, refused before any training."""
+    plan = rounds(stages["progressive"])
+    if not cfg.student_steps or set(cfg.student_steps) - set(plan):
+        raise InputError(f"student_steps {cfg.student_steps} must be progressive rounds of "
+                         f"start_steps {cfg.progressive.start_steps}: {plan}")
+    if cfg.recover.ipc < 1:
+        raise InputError(f"recover.ipc must be a positive integer, got {cfg.recover.ipc}")
+    c = cfg.certify
+    Smoothing(c.n0, c.n, c.alpha, c.batch).check()
+    if min(c.examples, c.attack_votes, c.attack_n) < 1 or c.attack_steps < 0:
+        raise InputError(f"certify.examples, attack_votes and attack_n must be >= 1 and certify.attack_steps >= 0, "
+                         f"got {c.examples}, {c.attack_votes}, {c.attack_n}, {c.attack_steps}")
+
+
+def models_stage(cfg: QuickstartConfig, out: Path, stages: dict, timed) -> tuple:
+    """Stage 1: the standard classifier (trained, or `classifier_from`) and the teacher (trained, or `teacher_from`)."""
     if cfg.classifier_from:
         clf = cfg.classifier_from if is_named(cfg.classifier_from) else Path(cfg.classifier_from)
         load_classifier(clf)  # a wrong folder fails here, with the reason
@@ -138,19 +168,23 @@ def quickstart(out: str | Path = "runs/quickstart", fast: bool = False, cfg: Qui
         teacher = timed("teacher", lambda: pretrained_teacher(cfg, out / "teacher"))
     else:
         teacher = timed("teacher", lambda: run_stage(out / "teacher", stages["teacher"], train_teacher, "purifier"))
+    return clf, teacher
 
-    print("stage 2/6: progressive and consistency students")
-    timed("progressive", lambda: run_stage(out / "progressive", stages["progressive"],
-                                           lambda c, o, resume: train_progressive(c, teacher, o, resume), "students",
-                                           inputs={"teacher": teacher}))
-    timed("consistency", lambda: run_stage(out / "consistency", stages["consistency"],
-                                           lambda c, o, resume: train_consistency(c, teacher, o, resume), "students",
-                                           inputs={"teacher": teacher}))
+
+def students_stage(cfg: QuickstartConfig, out: Path, stages: dict, teacher: Path, timed) -> dict[str, Path]:
+    """Stage 2: progressive and consistency students; returns every purifier by label, the teacher first."""
+    for kind, train in (("progressive", train_progressive), ("consistency", train_consistency)):
+        timed(kind, lambda: run_stage(out / kind, stages[kind], lambda c, o, resume: train(c, teacher, o, resume),
+                                      "students", inputs={"teacher": teacher}))
     purifiers = {"teacher": teacher}
     for kind in ("progressive", "consistency"):
         purifiers.update({f"{kind}-{k}": out / kind / "students" / f"steps-{k}" for k in sorted(cfg.student_steps)})
+    return purifiers
 
-    print(f"stage 3/6: SRe2L and {cfg.robust_objective} distilled data ({cfg.recover.ipc} images per class)")
+
+def data_stage(cfg: QuickstartConfig, out: Path, stages: dict, clf, timed) -> tuple[dict, dict]:
+    """Stage 3: SRe2L data recovered from the standard classifier and robust data from a robust-squeezed one, a
+    classifier trained on each; returns the three classifiers and the two pipelines' results."""
     shared = {"dataset": cfg.dataset, "data_root": cfg.data_root, "recover": to_dict(cfg.recover),
               "relabel": to_dict(cfg.relabel), "train": to_dict(stages["distilled_train"])}
     sre2l = timed("sre2l", lambda: pipeline(replace(PipelineConfig(), {
@@ -159,29 +193,4 @@ def quickstart(out: str | Path = "runs/quickstart", fast: bool = False, cfg: Qui
         **shared, "squeeze": to_dict(stages["robust_squeeze"])}), out / cfg.robust_objective))
     classifiers = {"standard": clf, "sre2l": Path(sre2l["classifier"]),
                    f"{cfg.robust_objective}": Path(robust["classifier"])}
-
-    print("stage 4/6: every classifier bare and behind every purifier, standard and adaptive attacks")
-    evals = {}
-    for name, folder in classifiers.items():
-        print(f"[eval] classifier: {name}")
-        where = out / "eval" / name
-        same_inputs_or_fail(where, {"classifier": folder, **purifiers})
-        evals[name] = timed(f"eval {name}", lambda: run_robustness(
-            eval_config(cfg, folder, purifiers, standard=name == "standard"), where))
-
-    print("stage 5/6: certified robustness (randomized smoothing) of DDS, the 1-step students and Gaussian noise")
-    certified = timed("certify", lambda: certify_stage(cfg, out, clf, teacher, purifiers, stages))
-
-    if not process_state().is_main_process:  # under `accelerate launch`: the main process times and reports
-        return {}
-    print("stage 6/6: latency of every defense")
-    latency = timed("latency", lambda: measure_latency(cfg, purifiers, classifiers, out / "latency"))
-
-    report = build_report(cfg, out, fast, classifiers, purifiers, evals, latency, {"sre2l": sre2l, "robust": robust})
-    report["certify"] = certified
-    report["seconds"] = {"total": round(time.perf_counter() - t_start, 1), **clock}
-    figures(cfg, out, report, evals, purifiers)
-    atomic_write_json(out / "report.json", report, sort_keys=False)
-    atomic_write_text(out / "report.md", render(report))
-    print(render(report))
-    return report
+    return classifiers, {"sre2l": sre2l, "robust": robust}

@@ -5,13 +5,14 @@ Robustness", 2019, and Croce & Hein, 2020)."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
+
+import torch
 
 from core.errors import InputError
 
-from .budget import Budget, with_changes
-from .checks import flips, sign_test
+from ..harness import Budget, evaluate, purifier_of, with_changes
+from ..stats import accuracy_stats, paired_change
 
 
 def check_ladder(rungs) -> list[tuple[int, int]]:
@@ -26,19 +27,6 @@ def check_ladder(rungs) -> list[tuple[int, int]]:
         raise InputError(f"every rung of the ladder must spend more than the one before (steps and eot never "
                          f"fewer), got {rungs!r}")
     return out
-
-
-def paired_change(before: list, after: list) -> dict:
-    """`after` against `before` on the same examples: the change of accuracy, its paired standard error (of the
-    mean per-example difference), the flips each way and McNemar's one-sided exact p that `after` is lower."""
-    n = len(before)
-    if n == 0 or n != len(after):
-        raise InputError(f"a paired change needs the same examples on both sides, got {n} and {len(after)}")
-    d = [int(bool(b)) - int(bool(a)) for a, b in zip(before, after)]
-    mean = sum(d) / n
-    se = math.sqrt(sum((v - mean) ** 2 for v in d) / max(n - 1, 1) / n)
-    broken, recovered = flips(before, after)
-    return {"change": mean, "se": se, "broken": broken, "recovered": recovered, "p": sign_test(broken, recovered)}
 
 
 def verdict(rows: list[dict]) -> dict:
@@ -59,10 +47,6 @@ def verdict(rows: list[dict]) -> dict:
 def every_rung(rows: list[dict]) -> dict:
     """The share of examples no rung broke (an attacker who ran every budget keeps whichever broke an example:
     the upper bound to quote), with the harness's standard error of a worst-case figure."""
-    import torch
-
-    from .harness import accuracy_stats
-
     s = accuracy_stats(torch.tensor([row["correct"] for row in rows]))  # worst: survives every row
     return {"every_rung": s["worst"], "every_rung_se": s["worst_se"]}
 
@@ -72,8 +56,6 @@ def run_ladder(model, x, y, attack: str, rungs, budget: Budget, out: str | Path 
     """`attack` alone at each (steps, eot) of `rungs` on the same examples (`eval.evaluate` with `budget`'s R,
     seed and losses; sweep and doubled-steps check off). A row's figure is the worst case over R per example.
     A model without a purifier climbs the steps alone (EOT 1); None when that leaves fewer than two rungs."""
-    from .harness import evaluate, purifier_of
-
     rungs = check_ladder(rungs)
     if purifier_of(model) is None:  # a deterministic model is attacked without EOT: only the steps climb
         rungs = list(dict.fromkeys((s, 1) for s, _ in rungs))

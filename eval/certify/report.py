@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from statistics import NormalDist
+
 
 def certified_plot(results: dict, path) -> None:
     """Certified accuracy against L2 radius, one curve per defense (from the per-radius summary)."""
@@ -27,8 +29,6 @@ def certified_plot(results: dict, path) -> None:
 
 def ceiling(n: int, alpha: float) -> float:
     """The largest certifiable radius in units of sigma with n draws: Phi^-1 of the bound when all n agree."""
-    from statistics import NormalDist
-
     return NormalDist().inv_cdf(alpha ** (1 / n))
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from core.config import from_dict, to_dict
 from core.errors import InputError
 
-from .attacks import ATTACKS, AttackContext, attack_norm, check_attack, check_loss
+from ..attacks import ATTACKS, AttackContext, attack_norm, check_attack, check_loss
 
 
 @dataclass(frozen=True)
@@ -42,8 +43,6 @@ _NONE_MEANS_ALL = ("n", "sweep_n", "check_n")  # fields whose None is itself a v
 def with_changes(budget: Budget, changes: dict, where: str = "a budget") -> Budget:
     """`budget` with `changes` (field -> value), validated like a config; an unknown key names the valid ones.
     A value of None means the field's default (the budget's own value), as everywhere in the toolkit."""
-    from core.config import from_dict, to_dict
-
     changes = {k: v for k, v in changes.items() if v is not None or k in _NONE_MEANS_ALL}
     unknown = sorted(set(changes) - set(BUDGET_KEYS))
     if unknown:

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 
-from .attacks import ATTACKS
-from .budget import Budget, with_changes
-from .checks import flag, flips, sign_test
+from ..attacks import ATTACKS
+from ..harness import Budget, evaluate, with_changes
+from ..harness.checks import flag
+from ..stats import accuracy_stats, flips, sign_test
 from .matched import on_examples, subset_positions
 
 
@@ -50,8 +51,6 @@ def escalate(model, x, y, budget: Budget, sources: dict, base: dict, out: str | 
     all-attacks figure again as the worst case over its own attacks and these, and a flag, paired as
     `approximation-beats-full-gradient`: transfer or Square beat the row's strongest full-gradient attack beyond
     chance (per example, worst case over R; McNemar's exact sign test)."""
-    from .harness import accuracy_stats, evaluate
-
     quiet = {"sweep_eps": [], "check_steps": False}
     runs = {}
     for name, src in sources.items():

@@ -1,17 +1,24 @@
-"""Clean accuracy of a classifier with and without a purifier in front, and the purifier's seconds per batch."""
+"""What training and evaluation both measure: top-1 accuracy, and a purifier applied in seeded batches."""
 
 from __future__ import annotations
 
 import time
-import zlib
 
 import torch
 from tqdm.auto import tqdm
 
-from core.checkpoint import load_classifier
-from core.datasets import load_dataset, to_tensors
-from purify import load_purifier
-from robust_data.squeeze import accuracy
+from .seeding import derive_seed
+
+
+@torch.inference_mode()
+def accuracy(model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512, device="cpu") -> float:
+    """Top-1 accuracy of `model` on tensors (x, y)."""
+    was_training = model.training
+    model.eval()
+    correct = sum((model(x[i:i + batch_size].to(device)).argmax(1).cpu() == y[i:i + batch_size]).sum().item()
+                  for i in range(0, len(x), batch_size))
+    model.train(was_training)
+    return correct / max(1, len(x))
 
 
 def default_device() -> torch.device:
@@ -21,7 +28,7 @@ def default_device() -> torch.device:
 
 def batch_seed(seed: int, batch: int) -> int:
     """The purifier seed of one batch: every purifier reseeded with it draws the same diffusion noise at t_star."""
-    return zlib.crc32(f"{seed}/batch/{batch}".encode()) & 0x7FFFFFFF
+    return derive_seed(seed, "batch", batch)
 
 
 @torch.no_grad()
@@ -41,15 +48,3 @@ def purify_batches(purifier, x: torch.Tensor, batch_size: int = 64, seed: int | 
         if len(outs[-1]) == batch_size or not times:
             times.append(time.perf_counter() - t0)
     return torch.cat(outs), sorted(times)[len(times) // 2]
-
-
-def purified_accuracy(purifier_dir, classifier_dir, dataset: str = "digits", n: int | None = None,
-                      batch_size: int = 64, seed: int = 0, data_root=None) -> dict:
-    """Accuracy on the test split, bare and through the purifier (seeded), with timing per batch."""
-    device = default_device()
-    clf, pur = load_classifier(classifier_dir, device), load_purifier(purifier_dir).to(device)
-    x, y = to_tensors(load_dataset(dataset, "test", root=data_root)[0], n)
-    x_pure, seconds = purify_batches(pur, x, batch_size, seed)
-    return {"examples": len(y), "clean_accuracy": accuracy(clf, x, y, device=device),
-            "purified_accuracy": accuracy(clf, x_pure, y, device=device),
-            "nfe": pur.nfe, "t_star": pur.t_star, "seconds_per_batch": seconds, "batch_size": batch_size}

@@ -1,9 +1,9 @@
 """The attack harness: clean and robust accuracy of any classifier, with or without a purifier, under named
 attacks; R independent evaluations (average and worst case) for stochastic defenses; gradient-masking checks.
 
-Work is cut into (job, batch) items, each seeded from (seed, job, batch) alone, so an item gives the same
-result on any process and after any interruption: items are sharded across `accelerate` processes,
-gathered on the main one, and appended to `examples.jsonl`, from which an interrupted run resumes."""
+`evaluate` plans (jobs: R evaluations of each attack, the epsilon sweep, the doubled-steps rerun), runs its
+(job, batch) items through the record loop (`records.py`: seeded from (seed, job, batch) alone, sharded,
+resumed from `examples.jsonl`) and summarizes them into the report."""
 
 from __future__ import annotations
 
@@ -15,17 +15,19 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from core.errors import InputError
-from core.io import append_jsonl, atomic_save_tensors, module_digest, read_jsonl, tensor_digest
-from core.runs import make_accelerator, same_or_fail
+from core.io import atomic_save_tensors, module_digest, tensor_digest
+from core.runs import make_accelerator
+from core.seeding import derive_seed
 
-from .attacks import ATTACKS, build_attack, large_eps, preset_eps, within_threat
+from ..attacks import ATTACKS, build_attack, large_eps, preset_eps, within_threat
+from ..defended import Defended
+from ..stats import accuracy_stats, flips
 from .budget import Budget, budgets, check_budget, with_changes
-from .checks import APPROXIMATIONS, accuracy_checks, flag, flips, gradient_probe, seed_checks
-from .defended import Defended
+from .checks import APPROXIMATIONS, accuracy_checks, flag, gradient_probe, seed_checks
 from .memory import checkpoint_share
+from .records import open_records, run_records
 
 
 @dataclass(frozen=True)
@@ -46,16 +48,12 @@ def n_batches(job: Job, n: int, batch_size: int) -> int:
 
 
 def item_seed(seed: int, key: str, batch: int) -> int:
-    return zlib.crc32(f"{seed}/{key}/{batch}".encode()) & 0x7FFFFFFF
+    """The seed of one (job, batch) item: its attack, purifier and scoring draw from it alone."""
+    return derive_seed(seed, key, batch)
 
 
 def purifier_of(model: nn.Module):
     return model.purifier if isinstance(model, Defended) else None
-
-
-def _read_records(path: Path | None) -> dict:
-    """(key, batch) -> record; a torn last line (killed mid-write) is ignored."""
-    return {(rec["key"], rec["batch"]): rec for rec in (read_jsonl(path) if path is not None else [])}
 
 
 class _Runner:
@@ -168,81 +166,105 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks=None, *
     per-example records, resumed when present. Any memory layout of `x` or of the model gives the same result."""
     b = with_changes(budget or Budget(), {**({"attacks": list(attacks)} if attacks is not None else {}), **changes})
     norm = norm or "Linf"
-    grad_checkpoint = "auto" if grad_checkpoint is None else grad_checkpoint
     eps = eps if eps is not None else preset_eps(dataset or "", norm)
     check_budget(b, norm)
     if "transfer" in b.attacks and transfer_source is None:
         raise InputError("the transfer attack needs transfer_source (the defense to craft the examples on)")
     x, y = check_batch(x, y)
     acc = accelerator or make_accelerator()
-    device = acc.device
-    model = model.to(device).eval().requires_grad_(False)
-    if transfer_source is not None:
-        transfer_source = transfer_source.to(device).eval().requires_grad_(False)
-    # one standard layout and the model's dtype: a permuted (HWC-built) or channels-last batch must not reach
-    # attacks that .view() it, and a float64 / float16 batch is attacked in the model's own precision
-    x, y = x.to(device, _dtype_of(model)).contiguous(), y.to(device)
-    n = len(y)
-    purifier = purifier_of(model)
-    stochastic = purifier is not None
+    model, transfer_source, x, y = _on_device(model, transfer_source, x, y, acc.device)
+    p = plan_run(model, x, y, b, norm, eps)
+    out = Path(out) if out is not None else None
+    runner = _Runner(model, x, y, norm=norm, n_classes=p.n_classes, seed=b.seed, eot=p.eot, queries=b.queries,
+                     batch_size=b.batch_size, grad_checkpoint="auto" if grad_checkpoint is None else grad_checkpoint,
+                     transfer_source=transfer_source, samples_dir=out / "samples" if out is not None else None,
+                     losses=b.losses, eot_batch=b.eot_batch)
+    flags = seed_checks(purifier_of(model), x[:min(16, len(y))], b.seed) if p.stochastic else []
+    records = {}
+    if out is not None:
+        settings = _settings(p, b, norm, eps, x, y, model, transfer_source)
+        models = [model, transfer_source] if "transfer" in b.attacks else [model]
+        records = {(r["key"], r["batch"]): r for r in open_records(out, settings, "attack records", acc, models)}
+        if acc.is_main_process:
+            runner.samples_dir.mkdir(parents=True, exist_ok=True)
+    if p.stochastic and hasattr(model, "classifier") and acc.is_main_process:  # the main process writes the report
+        flags = flags + [_probe(model, x, y, b, runner)]
+    items = [(j, i) for j in p.jobs for i in range(n_batches(j, len(y), b.batch_size)) if (j.key, i) not in records]
+    run_records(items, lambda item: runner(*item), out / "examples.jsonl" if out is not None else None, acc,
+                lambda r: (r["key"], r["batch"]), records, progress)
+    return report(p, b, norm, eps, records, y.cpu(), flags, x.shape[1:])
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one evaluation runs: its jobs, the attacks it skips (with the reason), R and EOT, the model's kind."""
+
+    jobs: list
+    skipped: dict
+    evals: int
+    eot: int
+    n_classes: int
+    stochastic: bool
+    nfe: int
+
+
+def plan_run(model, x, y, b: Budget, norm: str, eps: float) -> Plan:
+    """The jobs of one evaluation of `model`, or an InputError before any work."""
+    stochastic = purifier_of(model) is not None
     with torch.no_grad():
         n_classes = model(x[:2]).shape[1]
     if n_classes < 3 and "dlr" in b.losses.values():
         raise InputError(f"the dlr loss needs at least 3 classes (it divides by z_1 - z_3); this model has {n_classes}")
-
     R, eot = (b.evals, b.eot) if stochastic else (1, 1)  # a deterministic model: one evaluation, no EOT
-    flags = seed_checks(purifier, x[:min(16, n)], b.seed) if stochastic else []
-    jobs, skipped = plan(b, R, stochastic, eps, n)
-    out = Path(out) if out is not None else None
-    log = out / "examples.jsonl" if out is not None else None
-    # records are keyed on what was measured: the weights of every model involved and the examples themselves
-    settings = {"examples": n, "labels": zlib.crc32(y.cpu().numpy().tobytes()), "norm": norm, "eps": eps,
-                "eot": eot, "queries": b.queries, "batch_size": b.batch_size, "seed": b.seed,
-                "losses": {a: b.losses[a] for a in sorted(b.losses) if a in b.attacks}, "eot_batch": b.eot_batch,
-                "pgd": "best iterate (fooled first), batched eot, apgd-eot in autoattack-rand",  # how PGD-EOT crafts
-                "jobs": [[j.key, j.eps, j.steps, j.n] for j in jobs],
-                "images": tensor_digest(x, y), "model": module_digest(model),
-                "transfer_source": module_digest(transfer_source) if "transfer" in b.attacks else None}
-    if out is not None:
-        _check_settings(out / "settings.json", settings, acc)
-    samples = out / "samples" if out is not None else None
-    if samples is not None and acc.is_main_process:
-        samples.mkdir(parents=True, exist_ok=True)
-    records = _read_records(log)
-    items = [(j, i) for j in jobs for i in range(n_batches(j, n, b.batch_size)) if (j.key, i) not in records]
-    runner = _Runner(model, x, y, norm=norm, n_classes=n_classes, seed=b.seed, eot=eot, queries=b.queries,
-                     batch_size=b.batch_size, grad_checkpoint=grad_checkpoint, transfer_source=transfer_source,
-                     samples_dir=samples, losses=b.losses, eot_batch=b.eot_batch)
-    full_gradient = [a for a in b.attacks if ATTACKS[a].white_box and not ATTACKS[a].needs_purifier]
-    if stochastic and hasattr(model, "classifier") and acc.is_main_process:  # the main process writes the report
-        if full_gradient:  # the probe reads the gradient those attacks follow; it costs their backward pass
-            with runner.checkpointing("pgd-eot", min(8, n)):
-                flags = flags + [gradient_probe(model, x[:min(8, n)], y[:min(8, n)], b.seed)]
-        else:
-            flags = flags + [flag("gradients-near-orthogonal", None, "no full-gradient attack in this budget")]
-    world, rank = acc.num_processes, acc.process_index
-    bar = tqdm(total=len(items), desc=progress, disable=progress is None or not acc.is_main_process)
-    for start in range(0, len(items), world):
-        mine = items[start + rank] if start + rank < len(items) else None
-        rec = runner(*mine) if mine is not None else None
-        got = [r for r in gather_all(acc, rec) if r is not None]
-        if acc.is_main_process and log is not None:
-            append_jsonl(log, got)
-        for r in got:
-            records[r["key"], r["batch"]] = r
-        bar.update(len(got))
-    bar.close()
-    names = [a for a in b.attacks if a not in skipped]
-    big = large_eps(norm, x.shape[1:])
-    result = summarize(names, R, jobs, records, y.cpu(), n, b.batch_size, stochastic, chance=1 / n_classes,
+    jobs, skipped = plan(b, R, stochastic, eps, len(y))
+    return Plan(jobs, skipped, R, eot, n_classes, stochastic, getattr(purifier_of(model), "nfe", 0))
+
+
+def _on_device(model, transfer_source, x, y, device):
+    """The models in eval mode without parameter gradients, and one standard layout in the model's dtype: a
+    permuted (HWC-built) or channels-last batch must not reach attacks that .view() it, and a float64 / float16
+    batch is attacked in the model's own precision."""
+    model = model.to(device).eval().requires_grad_(False)
+    if transfer_source is not None:
+        transfer_source = transfer_source.to(device).eval().requires_grad_(False)
+    return model, transfer_source, x.to(device, _dtype_of(model)).contiguous(), y.to(device)
+
+
+def _settings(p: Plan, b: Budget, norm: str, eps: float, x, y, model, transfer_source) -> dict:
+    """What the records are keyed on: the weights of every model involved, the examples themselves, the budget."""
+    return {"examples": len(y), "labels": zlib.crc32(y.cpu().numpy().tobytes()), "norm": norm, "eps": eps,
+            "eot": p.eot, "queries": b.queries, "batch_size": b.batch_size, "seed": b.seed,
+            "losses": {a: b.losses[a] for a in sorted(b.losses) if a in b.attacks}, "eot_batch": b.eot_batch,
+            "pgd": "best iterate (fooled first), batched eot, apgd-eot in autoattack-rand",  # how PGD-EOT crafts
+            "jobs": [[j.key, j.eps, j.steps, j.n] for j in p.jobs],
+            "images": tensor_digest(x, y), "model": module_digest(model),
+            "transfer_source": module_digest(transfer_source) if "transfer" in b.attacks else None}
+
+
+def _probe(model, x, y, b: Budget, runner: "_Runner") -> dict:
+    """The gradient probe, where a full-gradient attack runs (it reads the gradient those attacks follow and
+    costs their backward pass)."""
+    if not [a for a in b.attacks if ATTACKS[a].white_box and not ATTACKS[a].needs_purifier]:
+        return flag("gradients-near-orthogonal", None, "no full-gradient attack in this budget")
+    k = min(8, len(y))
+    with runner.checkpointing("pgd-eot", k):
+        return gradient_probe(model, x[:k], y[:k], b.seed)
+
+
+def report(p: Plan, b: Budget, norm: str, eps: float, records: dict, y, flags: list, shape) -> dict:
+    """The records summarized, with the threat model, the budgets in words and how hard each attack was run."""
+    names = [a for a in b.attacks if a not in p.skipped]
+    big = large_eps(norm, shape)
+    n = len(y)
+    result = summarize(names, p.evals, p.jobs, records, y, n, b.batch_size, p.stochastic, chance=1 / p.n_classes,
                        tolerance=b.tolerance, flags=flags, large=big,
                        inside=[a for a in names if within_threat(a, norm)])
     result.update(threat={"norm": norm, "eps": eps, "large_eps": big},
-                  budgets=budgets(names, b, norm, eps, eot, n_classes, stochastic), skipped=skipped, evals=R,
-                  beside_threat=[a for a in names if not within_threat(a, norm)],
-                  strength={a: {"steps": b.steps.get(a) or ATTACKS[a].steps, "eot": eot, "queries": b.queries}
+                  budgets=budgets(names, b, norm, eps, p.eot, p.n_classes, p.stochastic), skipped=p.skipped,
+                  evals=p.evals, beside_threat=[a for a in names if not within_threat(a, norm)],
+                  strength={a: {"steps": b.steps.get(a) or ATTACKS[a].steps, "eot": p.eot, "queries": b.queries}
                             for a in names}, seed=b.seed,
-                  stochastic=stochastic, examples=n, nfe=getattr(purifier, "nfe", 0), chance=1 / n_classes)
+                  stochastic=p.stochastic, examples=n, nfe=p.nfe, chance=1 / p.n_classes)
     return result
 
 
@@ -271,21 +293,6 @@ def _dtype_of(model: nn.Module) -> torch.dtype:
     return next((p.dtype for p in body.parameters() if p.is_floating_point()), torch.float32)
 
 
-def _check_settings(path: Path, settings: dict, acc) -> None:
-    """Records in `path`'s folder are only reused for the very same evaluation."""
-    same_or_fail(path, settings, "attack records", write=acc.is_main_process)
-    acc.wait_for_everyone()
-
-
-def gather_all(acc, rec) -> list:
-    """Every process's record on every process (one process: just this one)."""
-    if acc.num_processes == 1:
-        return [rec]
-    from accelerate.utils import gather_object
-
-    return gather_object([rec])
-
-
 def paired_against(mats: dict, exact: str, others) -> dict:
     """Each of `others` against `exact` on the same examples, worst case over the R evaluations per example."""
     if exact not in mats:
@@ -299,17 +306,6 @@ def paired_against(mats: dict, exact: str, others) -> dict:
             out[a] = {"broken": broken, "recovered": recovered, "approx": o.float().mean().item(),
                       "exact": e.float().mean().item()}
     return out
-
-
-def accuracy_stats(m: torch.Tensor) -> dict:
-    """Average and worst-case accuracy of an R x n correctness matrix, each with its standard error over the
-    n examples (of the per-example mean over R, and of survival in all R)."""
-    m = m.bool()
-    per_example, worst = m.float().mean(0), m.all(0).float()
-    n = max(1, per_example.numel() - 1)
-    return {"average": per_example.mean().item(), "worst": worst.mean().item(),
-            "average_se": (per_example.var(unbiased=False) / n).sqrt().item() if per_example.numel() > 1 else 0.0,
-            "worst_se": (worst.var(unbiased=False) / n).sqrt().item() if worst.numel() > 1 else 0.0}
 
 
 def summarize(names, R, jobs, records, y, n, batch_size, stochastic, chance, tolerance, flags, large,
@@ -348,14 +344,7 @@ def summarize(names, R, jobs, records, y, n, batch_size, stochastic, chance, tol
             attacks[name]["median_l2"] = torch.tensor(dist).median().item()
     sweep = [{"eps": j.eps, "accuracy": sum(c) / len(c), "examples": len(c)}
              for j in jobs if j.key.startswith("sweep/") for c in [collect(j.key)]]
-    doubled = None
-    for j in jobs:
-        if j.key.startswith("check/"):
-            c2 = collect(j.key)
-            c1 = mats[j.attack][0, :len(c2)].tolist()
-            doubled = {"attack": j.attack, "steps": j.steps // 2, "base": sum(c1) / len(c1),
-                       "doubled": sum(c2) / len(c2), "examples": len(c2),
-                       **dict(zip(("broken", "recovered"), flips(c1, c2)))}  # paired: the same examples
+    doubled = next((_doubled(j, collect(j.key), mats) for j in jobs if j.key.startswith("check/")), None)
     clean = stats(clean_m)
     flags = flags + accuracy_checks(clean["average"], {k: v for k, v in attacks.items() if k in inside}, sweep, doubled,
                                     n, chance, tolerance, stochastic, large,
@@ -368,3 +357,10 @@ def summarize(names, R, jobs, records, y, n, batch_size, stochastic, chance, tol
     return {"clean": clean, "attacks": attacks, "worst_over_attacks": worst_all, "sweep": sweep,
             "doubled_steps": doubled, "flags": flags, "raised": [f["name"] for f in flags if f["raised"]],
             "per_example": per_example, "seconds": {name: seconds(name) for name in [*names, "clean"]}}
+
+
+def _doubled(job: Job, c2: list, mats: dict) -> dict:
+    """The doubled-steps rerun against the first evaluation of its attack, paired on the same examples."""
+    c1 = mats[job.attack][0, :len(c2)].tolist()
+    return {"attack": job.attack, "steps": job.steps // 2, "base": sum(c1) / len(c1), "doubled": sum(c2) / len(c2),
+            "examples": len(c2), **dict(zip(("broken", "recovered"), flips(c1, c2)))}

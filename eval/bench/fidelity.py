@@ -1,4 +1,5 @@
-"""Students against their teacher in one run: PSNR to the teacher's purification, accuracy, seconds per batch."""
+"""`python -m eval compare`: students against their teacher in one run (PSNR to the teacher's purification,
+accuracy, seconds per batch), beside the undistilled K-step DDIM baselines of the teacher's own UNet."""
 
 from __future__ import annotations
 
@@ -9,10 +10,8 @@ import torch
 from core.checkpoint import load_classifier
 from core.datasets import load_dataset, to_tensors
 from core.io import atomic_write_json, atomic_write_text
+from core.metrics import accuracy, default_device, purify_batches
 from purify import load_purifier
-from robust_data.squeeze import accuracy
-
-from .accuracy import default_device, purify_batches
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -11,9 +11,14 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .attacks import EOTPGD
-from .binomial import tail_limit
-from .defended import Defended
+from core.io import append_jsonl, atomic_write_json, read_json, read_jsonl
+from core.runs import same_or_fail
+
+from ..attacks import EOTPGD
+from ..defended import Defended
+from ..harness.records import gather_all
+from ..stats import tail_limit
+from .smoothing import ABSTAIN, Smoothing, predict, reseed
 
 
 @dataclass(frozen=True)
@@ -53,8 +58,6 @@ def attack_smoothed(model: Defended, x: torch.Tensor, y: torch.Tensor, radius: f
 def compare(records: list[dict], attacked: dict[str, dict[int, int]], alpha: float, radii) -> dict:
     """Per radius: the accuracy the attack leaves (abstain and misclassified-clean count as wrong), the certified
     accuracy, the certified examples the attack made PREDICT call wrong, and whether that is beyond chance."""
-    from .certify import ABSTAIN
-
     n, out = len(records), {}
     for r in radii:
         key = f"{r:g}"
@@ -76,12 +79,6 @@ def attack_row(acc, model: Defended, x: torch.Tensor, y: torch.Tensor, records: 
     """Attack one certified defense at every radius > 0 where some example is certified (elsewhere there is no
     certificate to test); FOLDER/r-<radius>.json per radius, resumed from the last finished batch of images
     (FOLDER/r-<radius>.part-<process>.jsonl until the radius is done); the comparison returned."""
-    from core.io import append_jsonl, atomic_write_json, read_json, read_jsonl
-    from core.runs import same_or_fail
-
-    from .certify import Smoothing, _reseed, predict
-    from .harness import gather_all
-
     same_or_fail(folder / "settings.json", {**a.settings(), "seed": seed, "pgd": "best iterate, fixed draws"},
                  "attacks on the smoothed classifier", write=acc.is_main_process)
     acc.wait_for_everyone()
@@ -109,7 +106,7 @@ def attack_row(acc, model: Defended, x: torch.Tensor, y: torch.Tensor, records: 
             adv = attack_smoothed(model, x[idx].to(acc.device), y[idx].to(acc.device), r, a,
                                   seed * 1_000_003 + batch[0] + 7919 * (k + 1))
             for j, xa in zip(batch, adv):
-                _reseed(model, seed * 1_000_003 + j + 104_729 * (k + 1))
+                reseed(model, seed * 1_000_003 + j + 104_729 * (k + 1))
                 preds[j] = predict(model, xa, s, n_classes)
             append_jsonl(part, [{"index": j, "prediction": preds[j]} for j in batch])
         merged = {}

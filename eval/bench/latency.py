@@ -19,8 +19,9 @@ from core.errors import InputError
 from core.io import atomic_write_json, atomic_write_text
 from purify import load_purifier
 
-from .defended import Defended
-from .memory import checkpoint_share
+from ..attacks import EOTPGD
+from ..defended import Defended
+from ..harness.memory import checkpoint_share
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -69,8 +70,6 @@ def time_gradient(model, x: torch.Tensor, eot: int, warmup: int = 1, repeats: in
                   checkpoint: bool | float = False) -> dict:
     """Median and p90 seconds of one PGD-EOT gradient (`eot` purifications, batched, full gradient through the
     purifier; that share of its UNet calls checkpointed), what each attack step costs."""
-    from .attacks import EOTPGD
-
     y = torch.zeros(len(x), dtype=torch.long, device=x.device)
     attack, timed = EOTPGD(model, steps=1, eot=eot), _timer(x.device)
     p = getattr(model, "purifier", None)

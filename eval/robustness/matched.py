@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import torch
 
+from core.datasets import sample_indices
+
+from ..stats import accuracy_stats
+
 
 def subset_positions(total: int, small: int, big: int, seed: int) -> list[int]:
     """Where the examples of `to_tensors(ds, small, seed)` sit in the batch of `to_tensors(ds, big, seed)` (the
     smaller draw is the first `small` of the same seeded permutation, so it is a subset)."""
-    from core.datasets import sample_indices
-
     where = {v: i for i, v in enumerate(sample_indices(total, big, seed).tolist())}
     return [where[v] for v in sample_indices(total, small, seed).tolist()]
 
@@ -46,8 +48,6 @@ def weaker(results: dict) -> dict[str, list[str]]:
 def on_examples(result: dict, positions: list[int]) -> dict:
     """A harness result's clean, per-attack and all-attacks accuracy (average and worst over R, with standard
     errors) on the examples at `positions` of its batch."""
-    from .harness import accuracy_stats
-
     pe = result["per_example"]
     mats = {k: torch.tensor([pe[k][i] for i in positions], dtype=torch.bool).T for k in ["clean", *result["attacks"]]}
     out = {k: accuracy_stats(m) for k, m in mats.items()}
@@ -66,11 +66,3 @@ def shared_examples(results: dict, total: int) -> tuple[int, dict] | None:
     small = min(sizes)
     seed = next(iter(rows.values()))["seed"]
     return small, {k: on_examples(r, subset_positions(total, small, r["examples"], seed)) for k, r in rows.items()}
-
-
-def pm(s: dict, key: str) -> str:
-    """'62.5 ± 6.1' (percent) from an accuracy_stats entry."""
-    v, se = s.get(key), s.get(f"{key}_se")
-    if v is None:
-        return "-"
-    return f"{100 * v:.1f}" + (f" ± {100 * se:.1f}" if se is not None else "")

@@ -1,4 +1,5 @@
-"""Gradient-masking alarms in the spirit of AutoAttack's checks (Croce & Hein, 2020), each a named flag."""
+"""Gradient-masking alarms in the spirit of AutoAttack's checks (Croce & Hein, 2020), each a named flag with its
+meaning (`MEANINGS`), raised by the harness on every run."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import math
 
 import torch
 
-from .attacks import ATTACKS
+from ..attacks import ATTACKS
+from ..stats import sign_test
 
 MEANINGS = {
     "robust-above-clean": "An attack left more examples correct than no attack at all: it is not finding "
@@ -168,19 +170,6 @@ def _suite_check(attacks: dict, stochastic: bool, tol) -> dict:
            "to report" if stochastic else "the model is deterministic: the suite is misused")
     detail = ", ".join(f"{k} {v:.3f}" for k, v in suites.items()) + f" vs {best} {simpler[best]:.3f}"
     return flag("suite-above-simpler-attack", bool(above), detail + (f"; {why}" if above else ""))
-
-
-def flips(first, second) -> tuple[int, int]:
-    """(examples correct in `first` and not in `second`, the other way round): the pairs a sign test reads."""
-    return (sum(bool(a) and not b for a, b in zip(first, second)),
-            sum(bool(b) and not a for a, b in zip(first, second)))
-
-
-def sign_test(k: int, j: int) -> float:
-    """One-sided exact sign test: P(at least k of k + j fair coin flips go one way)."""
-    from .binomial import binom_tail
-
-    return binom_tail(k, k + j, 0.5) if k + j else 1.0
 
 
 def _approximation_check(paired: dict, base_tol: float, level: float = 0.05) -> dict:
