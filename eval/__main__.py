@@ -24,7 +24,8 @@ def _test_data_args(p: argparse.ArgumentParser, n: int | None, purifier: bool = 
     return p
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
+    """Every subcommand and its arguments."""
     p = argparse.ArgumentParser(prog="python -m eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -71,7 +72,11 @@ def main(argv=None):
     ex.add_argument("--out", required=True, help="the .onnx file (a .onnx.json description is written beside it)")
     ex.add_argument("--opset", type=int, default=17)
     ex.add_argument("--batch", default="dynamic", help="'dynamic' (default) or a fixed batch size")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
 
     if args.command == "quickstart":
         out = args.out or ("runs/quickstart-smoke" if args.smoke else "runs/quickstart-fast" if args.fast

@@ -226,7 +226,7 @@ def test_the_attack_on_a_smoothed_linear_classifier_stops_at_its_true_radius_and
     x = (0.5 + (offset + d).view(-1, 1, 1, 1) * w).float()
     y = (d < 0).long()  # class 0 where w.x + b > 0
     model = Defended(GaussianSmoothing(0.1, seed=0), clf)
-    a = SmoothedAttack(steps=30, votes=8, n=1000, alpha=0.001)
+    a = SmoothedAttack(steps=30, votes=8, judge=Smoothing(1, 1000, 0.001))
     adv = attack_smoothed(model, x, y, 0.3, a, seed=0)
     assert ((adv - x).flatten(1).norm(dim=1) <= 0.3 + 1e-5).all()
     preds = [predict(model, xa, Smoothing(1, 1000, 0.001, 1000), 2) for xa in adv]

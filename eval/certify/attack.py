@@ -6,7 +6,7 @@ Bin(certified, 2 alpha) allows at level 0.01 means one of the two is wrong."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -23,16 +23,16 @@ from .smoothing import ABSTAIN, Smoothing, predict, reseed
 
 @dataclass(frozen=True)
 class SmoothedAttack:
-    """steps of L2 PGD at radius r on the mean softmax of `votes` purifications; PREDICT with n draws at alpha."""
+    """`steps` of L2 PGD at radius r on the mean softmax of `votes` purifications, `batch` images at a time; the
+    attacked point judged by PREDICT with `judge`'s n draws at its alpha."""
 
     steps: int = 20
     votes: int = 8
-    n: int = 1000
-    alpha: float = 0.001
-    batch: int = 32  # images attacked together
+    judge: Smoothing = Smoothing(n0=1, n=1000, alpha=0.001)
+    batch: int = 32
 
     def settings(self) -> dict:
-        return {"steps": self.steps, "votes": self.votes, "n": self.n, "alpha": self.alpha}
+        return {"steps": self.steps, "votes": self.votes, "n": self.judge.n, "alpha": self.judge.alpha}
 
 
 class FixedDraws(torch.nn.Module):
@@ -83,7 +83,7 @@ def attack_row(acc, model: Defended, x: torch.Tensor, y: torch.Tensor, records: 
                  "attacks on the smoothed classifier", write=acc.is_main_process)
     acc.wait_for_everyone()
     ok = [rec["index"] for rec in records if rec["prediction"] == rec["label"]]
-    s = Smoothing(1, a.n, a.alpha, draw_batch)
+    s = replace(a.judge, batch=draw_batch)
     attacked = {}
     for k, r in enumerate(radii):
         key, path = f"{r:g}", folder / f"r-{r:g}.json"
@@ -118,4 +118,4 @@ def attack_row(acc, model: Defended, x: torch.Tensor, y: torch.Tensor, records: 
                 p.unlink()
         acc.wait_for_everyone()
         attacked[key] = merged
-    return compare(records, attacked, a.alpha, radii)
+    return compare(records, attacked, s.alpha, radii)

@@ -164,7 +164,7 @@ def certify_row(cfg: CertifyConfig, s: Smoothing, row: dict, x, y, folder: Path,
               "t_star": getattr(model.purifier, "t_star", None),
               **_batch_summary(model, x[0].to(acc.device), s.batch, folder, len(todo), len(y), acc.is_main_process)}
     if cfg.attack_steps > 0:
-        a = SmoothedAttack(cfg.attack_steps, cfg.attack_votes, cfg.attack_n, s.alpha)
+        a = SmoothedAttack(cfg.attack_steps, cfg.attack_votes, Smoothing(1, cfg.attack_n, s.alpha))
         result["attack"] = attack_row(acc, model, x, y, records, folder / "attack", a, cfg.radii, cfg.seed,
                                       n_classes, s.batch, row["label"])
     return result

@@ -82,22 +82,3 @@ def escalate(model, x, y, budget: Budget, sources: dict, base: dict, out: str | 
     return {"attacks": attacks, "before": sum(before) / n, "worst_over_attacks": worst.float().mean().item(),
             "flag": flag("escalation-beats-full-gradient", raised, detail)}
 
-
-def render_escalation(results: dict) -> list[str]:
-    """Markdown lines for the rows that were escalated."""
-    rows = {k: r["escalation"] for k, r in results.items() if r.get("escalation")}
-    if not rows:
-        return []
-    lines = ["## Escalation: rows above a reference, attacked again", "",
-             "Each defense whose all-attacks figure exceeded a reference row's (on the examples both saw) was "
-             "attacked again by transfer from every reference (PGD-EOT crafted on it, scored here) and by Square; "
-             "worst case over R per example.", "",
-             "| defense | above | all attacks before | " + "escalation attacks (worst ± se) | all attacks after |",
-             "|---|---|---|---|---|"]
-    for label, e in rows.items():
-        parts = ", ".join(f"{n} {100 * s['worst']:.1f} ± {100 * s['worst_se']:.1f}" for n, s in e["attacks"].items())
-        lines.append(f"| {label} | {', '.join(e['above'])} | {100 * e['before']:.1f} | {parts} | "
-                     f"{100 * e['worst_over_attacks']:.1f} |")
-    lines += [""] + [f"- {label}: {'RAISED' if e['flag']['raised'] else 'ok'} `{e['flag']['name']}`: "
-                     f"{e['flag']['detail']}." for label, e in rows.items()] + [""]
-    return lines

@@ -4,7 +4,6 @@ with their meaning, benchmark scores, ladders and the epsilon sweep."""
 from __future__ import annotations
 
 from ..stats import pm
-from .escalate import render_escalation
 from .ladder import render_ladder
 
 
@@ -14,7 +13,7 @@ def render(report: dict) -> str:
     m = report.get("matched") or {"weaker": {}, "shared": None}
     attacks = list(dict.fromkeys(a for r in res.values() for a in r["attacks"]))
     lines = _table(report, res, m, attacks) + _beside(res) + _weaker(m) + _shared(m, attacks)
-    lines += _budgets(res) + _flags(res) + render_escalation(res) + render_scores(res) + _ladders(res) + _sweeps(res)
+    lines += _budgets(res) + _flags(res) + _escalations(res) + render_scores(res) + _ladders(res) + _sweeps(res)
     lines += ["", "Images: `<defense>/grid.png` (clean / adversarial / purified); per-example results: "
               "`<defense>/report.json` (`per_example`) and `<defense>/examples.jsonl`.", ""]
     return "\n".join(lines)
@@ -99,40 +98,57 @@ def _flags(res: dict) -> list[str]:
     return lines
 
 
+ESCALATION = ("Escalation: rows above a reference, attacked again",
+              "Each defense whose all-attacks figure exceeded a reference row's (on the examples both saw) was attacked "
+              "again by transfer from every reference (PGD-EOT crafted on it, scored here) and by Square; worst case "
+              "over R per example.")
+LADDERS = ("Convergence of the attacks",
+           "Each defense's ladder attack alone at growing budgets on its examples; a rung's figure is the worst case "
+           "over R per example, each change paired (the same examples) with McNemar's one-sided exact p. Converged: "
+           "the smallest budget whose figure the largest lowers by at most one paired standard error.")
+
+
+def _escalations(res: dict) -> list[str]:
+    """The rows that were escalated: their attacks again, and the flag."""
+    rows = _having(res, "escalation")
+    lines = _section(*ESCALATION, ["defense", "above", "all attacks before", "escalation attacks (worst ± se)",
+                                   "all attacks after"]) if rows else []
+    for label, e in rows.items():
+        parts = ", ".join(f"{n} {100 * s['worst']:.1f} ± {100 * s['worst_se']:.1f}" for n, s in e["attacks"].items())
+        lines.append(f"| {label} | {', '.join(e['above'])} | {100 * e['before']:.1f} | {parts} | "
+                     f"{100 * e['worst_over_attacks']:.1f} |")
+    return lines + ([""] + [f"- {label}: {'RAISED' if e['flag']['raised'] else 'ok'} `{e['flag']['name']}`: "
+                            f"{e['flag']['detail']}." for label, e in rows.items()] + [""] if rows else [])
+
+
 def _ladders(res: dict) -> list[str]:
-    ladders = {k: r["ladder"] for k, r in res.items() if r.get("ladder")}
-    if not ladders:
-        return []
-    lines = ["## Convergence of the attacks", "",
-             "Each defense's ladder attack alone at growing budgets on its examples; a rung's figure is the "
-             "worst case over R per example, each change paired (the same examples) with McNemar's one-sided "
-             "exact p. Converged: the smallest budget whose figure the largest lowers by at most one paired "
-             "standard error.", ""]
+    ladders = _having(res, "ladder")
+    lines = _section(*LADDERS) if ladders else []
     for k, lad in ladders.items():
         lines += render_ladder(k, lad)
     return lines
 
 
 def _sweeps(res: dict) -> list[str]:
-    sweeps = {k: r["sweep"] for k, r in res.items() if r["sweep"]}
+    sweeps = _having(res, "sweep")
     if not sweeps:
         return []
-    lines = ["## Robust accuracy against epsilon", "", "![robust accuracy against epsilon](robust_vs_eps.png)", ""]
+    lines = _section("Robust accuracy against epsilon", "![robust accuracy against epsilon](robust_vs_eps.png)")
     return lines + [f"- {k}: " + ", ".join(f"eps {p['eps']:g}: {_pct(p['accuracy'])}" for p in s)
                     for k, s in sweeps.items()]
 
 
 def render_scores(res: dict) -> list[str]:
     """BEARD's and ROME's scores per defense, when the config asked for them."""
-    rows = {k: r["scores"] for k, r in res.items() if r.get("scores")}
+    rows = _having(res, "scores")
     if not rows:
         return []
-    lines = ["## Benchmark scores (BEARD's RR, AE, CREI; ROME's I-RR)", "",
-             "In percent, from the average accuracies and the attacks' seconds on this machine, as BEARD's "
-             "`auto_metrics.py` computes them: RR = 1 - (clean - mean attacked) / (clean - min attacked), AE = (mean "
-             "attack time - clean time) / (max attack time - clean time), CREI = (RR + AE) / 2, I-RR = 1 - (clean - "
-             "mean attacked)(clean - min attacked) / clean^2. They depend on which attacks are in the set.", "",
-             "| defense | attacks | RR | AE | CREI | I-RR |", "|---|---|---|---|---|---|"]
+    lines = _section("Benchmark scores (BEARD's RR, AE, CREI; ROME's I-RR)",
+                     "In percent, from the average accuracies and the attacks' seconds on this machine, as BEARD's "
+                     "`auto_metrics.py` computes them: RR = 1 - (clean - mean attacked) / (clean - min attacked), AE = "
+                     "(mean attack time - clean time) / (max attack time - clean time), CREI = (RR + AE) / 2, I-RR = 1 "
+                     "- (clean - mean attacked)(clean - min attacked) / clean^2. They depend on which attacks are in "
+                     "the set.", ["defense", "attacks", "RR", "AE", "CREI", "I-RR"])
     for k, s in rows.items():
         lines.append(f"| {k} | {', '.join(s['attacks'])} | {s['rr']:.1f} | {s['ae']:.1f} | {s['crei']:.1f} | "
                      f"{s['i_rr']:.1f} |")
@@ -146,3 +162,13 @@ def _pct(v) -> str:
 def _aw(s: dict) -> str:
     """'avg ± se / worst ± se' in percent."""
     return f"{pm(s, 'average')} / {pm(s, 'worst')}"
+
+
+def _having(res: dict, key: str) -> dict:
+    """Each defense's `key` entry, for the defenses that have one."""
+    return {k: r[key] for k, r in res.items() if r.get(key)}
+
+
+def _section(title: str, intro: str, head: list[str] | None = None) -> list[str]:
+    """A section's title, its one paragraph and, given a head, the start of its table."""
+    return [f"## {title}", "", intro, ""] + (["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] if head else [])
