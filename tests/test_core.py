@@ -175,3 +175,14 @@ def test_one_process_can_make_accelerators_of_different_precisions():
     assert make_accelerator("no").mixed_precision == "no"
     assert make_accelerator("bf16").mixed_precision == "bf16"
     assert make_accelerator("no").mixed_precision == "no"
+
+
+def test_derive_seed_is_one_function_of_its_parts():
+    from core.seeding import derive_seed
+    from eval.harness import item_seed
+
+    assert derive_seed(0, "certify", 3) == derive_seed(0, "certify", 3)
+    seeds = {derive_seed(s, what, i) for s in (0, 1) for what in ("certify", "predict", "probe") for i in range(50)}
+    assert len(seeds) == 300  # every (run seed, purpose, index) its own stream
+    assert item_seed(0, "pgd-eot/1", 2) == derive_seed(0, "pgd-eot/1", 2)  # the harness's items are the same function
+    assert 0 <= derive_seed(2**40, "x") < 2**31

@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 import torchattacks
 
+from core.seeding import derive_seed
+
 from .base import AttackContext, margin_loss
 from .pgd import build_apgd_eot
 
@@ -164,7 +166,7 @@ def build_autoattack(model, ctx: AttackContext):
         return Composed(model, parts)
     wrap = {"apgd-ce": _apgd_best, "apgd-t": _apgdt_best, "fab-t": _fab_points, "square": _square_best}
     return Strongest(model, [(name, wrap[name](a)) for name, a in parts], ctx.norm, ctx.eps, draws=ctx.eot,
-                     seed=ctx.seed + 2)
+                     seed=derive_seed(ctx.seed, "candidates"))
 
 
 def build_autoattack_rand(model, ctx: AttackContext):
@@ -174,7 +176,7 @@ def build_autoattack_rand(model, ctx: AttackContext):
     if not ctx.stochastic:
         return Composed(model, parts)
     return Strongest(model, [(name, lambda x, y, a=a: [a(x, y)]) for name, a in parts], ctx.norm, ctx.eps,
-                     draws=ctx.eot, seed=ctx.seed + 2)
+                     draws=ctx.eot, seed=derive_seed(ctx.seed, "candidates"))
 
 
 def build_square(model, ctx: AttackContext):
@@ -182,4 +184,5 @@ def build_square(model, ctx: AttackContext):
     attack = _square(model, ctx)
     if not ctx.stochastic:
         return attack
-    return Strongest(model, [("square", _square_best(attack))], ctx.norm, ctx.eps, draws=ctx.eot, seed=ctx.seed + 2)
+    return Strongest(model, [("square", _square_best(attack))], ctx.norm, ctx.eps, draws=ctx.eot,
+                     seed=derive_seed(ctx.seed, "candidates"))

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from core.io import append_jsonl, atomic_write_json, read_json, read_jsonl
 from core.runs import same_or_fail
+from core.seeding import derive_seed
 
 from ..attacks import EOTPGD
 from ..defended import Defended
@@ -79,13 +80,14 @@ def attack_row(acc, model: Defended, x: torch.Tensor, y: torch.Tensor, records: 
     """Attack one certified defense at every radius > 0 where some example is certified (elsewhere there is no
     certificate to test); FOLDER/r-<radius>.json per radius, resumed from the last finished batch of images
     (FOLDER/r-<radius>.part-<process>.jsonl until the radius is done); the comparison returned."""
-    same_or_fail(folder / "settings.json", {**a.settings(), "seed": seed, "pgd": "best iterate, fixed draws"},
+    same_or_fail(folder / "settings.json", {**a.settings(), "seed": seed, "pgd": "best iterate, fixed draws",
+                                         "seeds": "derive_seed(seed, smoothed-attack | predict, radius, index)"},
                  "attacks on the smoothed classifier", write=acc.is_main_process)
     acc.wait_for_everyone()
     ok = [rec["index"] for rec in records if rec["prediction"] == rec["label"]]
     s = replace(a.judge, batch=draw_batch)
     attacked = {}
-    for k, r in enumerate(radii):
+    for r in radii:
         key, path = f"{r:g}", folder / f"r-{r:g}.json"
         if r <= 0 or not any(rec["radius"] >= r for rec in records if rec["prediction"] == rec["label"]):
             continue
@@ -104,9 +106,9 @@ def attack_row(acc, model: Defended, x: torch.Tensor, y: torch.Tensor, records: 
                 continue
             idx = torch.tensor(batch)
             adv = attack_smoothed(model, x[idx].to(acc.device), y[idx].to(acc.device), r, a,
-                                  seed * 1_000_003 + batch[0] + 7919 * (k + 1))
+                                  derive_seed(seed, "smoothed-attack", key, batch[0]))
             for j, xa in zip(batch, adv):
-                reseed(model, seed * 1_000_003 + j + 104_729 * (k + 1))
+                reseed(model, derive_seed(seed, "predict", key, j))
                 preds[j] = predict(model, xa, s, n_classes)
             append_jsonl(part, [{"index": j, "prediction": preds[j]} for j in batch])
         merged = {}

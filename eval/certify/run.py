@@ -17,6 +17,7 @@ from core.datasets import load_dataset, to_tensors
 from core.errors import InputError
 from core.io import atomic_write_json, atomic_write_text, module_digest, read_json, tensor_digest
 from core.runs import make_accelerator, same_config_or_fail
+from core.seeding import derive_seed
 from purify import load_purifier
 
 from ..bench.latency import time_module
@@ -145,14 +146,14 @@ def certify_row(cfg: CertifyConfig, s: Smoothing, row: dict, x, y, folder: Path,
     model, sigma = open_defense(row, cfg.seed)
     model = model.to(acc.device).eval()
     settings = {"model": module_digest(model), "images": tensor_digest(x, y), "sigma": sigma, "n0": s.n0,
-                "n": s.n, "alpha": s.alpha, "seed": cfg.seed}
+                "n": s.n, "alpha": s.alpha, "seed": cfg.seed, "seeds": "derive_seed(seed, certify, index)"}
     done = {r["index"]: r for r in open_records(folder, settings, "certificates", acc, [model], "records.jsonl")}
     with torch.no_grad():
         n_classes = model(x[:1].to(acc.device)).shape[1]
 
     def work(j: int) -> dict:
         # every example from (seed, index) alone: the same certificate on any process, after any kill
-        reseed(model, cfg.seed * 1_000_003 + j)
+        reseed(model, derive_seed(cfg.seed, "certify", j))
         return {"index": j, "label": int(y[j]), **certify(model, x[j].to(acc.device), sigma, s, n_classes)}
 
     todo = [j for j in range(len(y)) if j not in done]

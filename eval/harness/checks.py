@@ -7,6 +7,8 @@ import math
 
 import torch
 
+from core.seeding import derive_seed
+
 from ..attacks import ATTACKS
 from ..stats import sign_test
 
@@ -74,7 +76,7 @@ def gradient_probe(model, x: torch.Tensor, y: torch.Tensor, seed: int, draws: in
         x_ = x.detach().clone().requires_grad_(True)
         return torch.autograd.grad(F.cross_entropy(net(x_), y, reduction="sum"), x_)[0].flatten(1)
 
-    g = torch.stack([grad(model, seed + 7 * (i + 1)) for i in range(draws)])  # draws x n x d
+    g = torch.stack([grad(model, derive_seed(seed, "probe", i)) for i in range(draws)])  # draws x n x d
     ratio = (g.norm(dim=2).mean() / grad(model.classifier).norm(dim=1).mean().clamp_min(1e-20)).item()
     ratio = round(ratio, 4) if ratio >= 1e-4 else ratio
     if ratio < 1e-6:  # no gradient at all: nothing to compare, and itself a masked gradient

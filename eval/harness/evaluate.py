@@ -94,7 +94,7 @@ class _Runner:
                 out = attack(x, y)
             x_adv, broken = out if isinstance(out, tuple) else (out, None)
         if self.purifier is not None:
-            self.purifier.manual_seed(s + 1)  # score with noise the attacker did not see
+            self.purifier.manual_seed(derive_seed(self.seed, job.key, batch, "score"))  # noise the attacker did not see
         with torch.no_grad():
             correct = (self.model(x_adv).argmax(1) == y).tolist()
         if broken is not None and self.purifier is not None:
@@ -236,6 +236,7 @@ def _settings(p: Plan, b: Budget, norm: str, eps: float, x, y, model, transfer_s
             "eot": p.eot, "queries": b.queries, "batch_size": b.batch_size, "seed": b.seed,
             "losses": {a: b.losses[a] for a in sorted(b.losses) if a in b.attacks}, "eot_batch": b.eot_batch,
             "pgd": "best iterate (fooled first), batched eot, apgd-eot in autoattack-rand",  # how PGD-EOT crafts
+            "seeds": "derive_seed(seed, job, batch[, score])",  # how every draw is seeded
             "jobs": [[j.key, j.eps, j.steps, j.n] for j in p.jobs],
             "images": tensor_digest(x, y), "model": module_digest(model),
             "transfer_source": module_digest(transfer_source) if "transfer" in b.attacks else None}
