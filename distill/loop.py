@@ -138,6 +138,8 @@ def adversarial_batch(x, y, classifier, cfg: AdversarialConfig, g: torch.Generat
     if n == 0:
         return x, mask
     alpha = 2.5 * cfg.eps / cfg.steps
+    # torchattacks' PGD, as the harness's `pgd`; not eval's EOTPGD: training may not import eval, and the last
+    # iterate (not the best) is what a training batch wants
     if cfg.attack == "adaptive":
         if purify is None:
             raise InputError("adversarial.attack adaptive needs the student's purification")

@@ -136,6 +136,7 @@ def adversarial(model, x, y, adv_eps: float = 1 / 255, adv_steps: int = 10, labe
     alpha = 2.5 * adv_eps / adv_steps
     with eval_mode(net):
         x_adv = x.detach()
+        # a loop of its own, not the harness's EOTPGD: training may not import eval, and it needs no EOT or best iterate
         for _ in range(adv_steps):
             g, _ = input_grad(net, x_adv, y)
             x_adv = torch.min(torch.max(x_adv + alpha * g.sign(), x - adv_eps), x + adv_eps).clamp(0, 1).detach()

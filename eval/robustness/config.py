@@ -32,10 +32,10 @@ class EvalConfig:
     transfer_from: str | None = None  # purifier folder the transfer attack crafts on
     grad_checkpoint: str = "auto"  # auto: on for purifiers with more than 8 steps; "true" / "false"
     # labels of reference rows (the teacher, plain distillation): a defense above one is attacked again by
-    # transfer from each reference and by Square (eval/escalate.py); crafting on a 100-step teacher costs its attack
+    # transfer from each reference and by Square (eval/robustness/escalate.py); crafting on a 100-step teacher costs its attack
     escalate: list = field(default_factory=list)
     # attacks (of every defense's budget) to score as the robust-distillation benchmarks do: BEARD's RR, AE, CREI
-    # and ROME's I-RR from their accuracies and times (eval/scores.py); ["all"]: every attack run
+    # and ROME's I-RR from their accuracies and times (eval/robustness/scores.py); ["all"]: every attack run
     scores: list = field(default_factory=list)
 
 
