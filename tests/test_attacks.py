@@ -254,3 +254,59 @@ def test_the_best_iterate_is_the_one_that_fools_most_draws_then_the_highest_loss
     for value, fooled, loss in [(1, 0.0, 0.92), (2, 1.0, 0.80), (3, 1.0, 0.90), (4, 0.0, 5.0), (5, 0.5, 9.0)]:
         keep.offer(x + value, torch.tensor([fooled]), torch.tensor([loss]))
     assert keep.x.flatten()[0].item() == 3  # fooled, and the higher loss of the two fooled points
+
+
+class Flips(nn.Module):
+    """A purifier whose dilemma is in its Jacobian: each draw multiplies the image (about grey) by one of four
+    orthogonal +-1 patterns (rows of a Hadamard matrix), so the classifier wants the same of every purified image
+    while each draw maps that back to the input along another direction."""
+
+    def __init__(self, d: int = 64):
+        super().__init__()
+        h = torch.ones(1, 1)
+        while len(h) < 8:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+        self.register_buffer("patterns", h[1:5].repeat_interleave(d // 8, 1))
+        self.manual_seed(0)
+
+    def manual_seed(self, seed):
+        self.gen = torch.Generator().manual_seed(seed)
+        return self
+
+    def forward(self, x):
+        k = torch.randint(0, 4, (len(x),), generator=self.gen)
+        return 0.5 + (x - 0.5) * self.patterns[k].view(x.shape)
+
+
+class Sum(nn.Module):
+    """Class 0 while the purified image's sum over grey stays above -bias: only a step along one draw's pattern
+    (eps d = 3.2 > 2.4) fools that draw; a mix of patterns moves each by half as much."""
+
+    def forward(self, u):
+        f = (u - 0.5).flatten(1).sum(1) + 2.4
+        return 50 * torch.stack([f, -f], 1)
+
+
+def test_diffhammer_sees_a_dilemma_inside_the_purifier_that_the_grafted_variant_misses():
+    """Agreement measured on each draw's input gradient finds the draw to follow; at the purified image every draw
+    looks alike and the weighted gradient cancels, as EOT's does."""
+    x = (0.5 + 0.02 * torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+    y = torch.zeros(64, dtype=torch.long)
+    steps = {a: 20 for a in ("pgd-eot", "diffhammer", "diffhammer-grafted")}
+    r = evaluate(Defended(Flips(), Sum()), x, y, attacks=list(steps), eps=0.05, evals=4, eot=4, steps=steps,
+                 losses={"pgd-eot": "margin"}, check_steps=False, progress=None)
+    broken = {a: 1 - s["worst"] for a, s in r["attacks"].items()}
+    assert r["clean"]["worst"] == 1.0
+    assert broken["diffhammer"] >= 0.35, broken
+    assert broken["diffhammer-grafted"] <= 0.15 and broken["pgd-eot"] <= 0.15, broken
+
+
+def test_diffhammer_attacks_a_vote_one_soft_vote_a_draw_and_the_grafted_variant_refuses_it():
+    x = (0.5 + 0.02 * torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+    y = torch.zeros(8, dtype=torch.long)
+    voted = Defended(Flips(), Sum(), votes=3)
+    hammer = DiffHammer(voted, "Linf", 0.05, steps=2, eot=2, loss="margin")
+    L, fooled, g = hammer.draws(x, y)
+    assert L.shape == (2, 8) and g.shape == x.shape and torch.isfinite(g).all()
+    with pytest.raises(InputError, match="voting defense"):
+        DiffHammer(voted, "Linf", 0.05, steps=2, eot=2, agreement="purified")

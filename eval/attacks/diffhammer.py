@@ -4,12 +4,20 @@ Averaging the gradients of all purification draws (EOT) lets draws that pull in 
 (the paper's "gradient dilemma"). DiffHammer's EM step instead picks, per example, the draw a* whose attack
 direction most raises the other draws' losses (selection: argmax_a sum_b ELU(L_b + eps <unit(g_a), g_b>)),
 weights every draw by how near that direction brings it to fooling the classifier (E-step:
-w_b = sigmoid(lam (L_b + eps <unit(g_a*), g_b>)), g_b the loss gradient at draw b's purified image: the
-first-order loss after a full step; the released code's E-step omits eps, which makes the direction term
-dominate), and follows the weighted gradient (M-step). Here the M-step gradient sum_b w_b J_b^T g_b / sum_b w_b is computed
-exactly through every draw (the released code grafts it through the selected draw's chain alone to save
-backward passes), the step follows a decaying average of past gradients as theirs (v = (t + 1)^-smooth), and
-each example keeps the iterate that fooled the most of its draws, the mean loss breaking ties."""
+w_b = sigmoid(lam (L_b + eps <unit(g_a*), g_b>)): the first-order loss after a full step; the released code's
+E-step omits eps, which makes the direction term dominate), and follows the weighted gradient (M-step,
+sum_b w_b J_b^T g_b / sum_b w_b, exact through every draw), with a decaying average of past gradients as theirs
+(v = (t + 1)^-smooth); each example keeps the iterate that fooled the most of its draws, the mean loss breaking
+ties.
+
+Where agreement is measured. The released code takes g_b at draw b's purified image (and grafts the M-step
+through the selected draw's chain). A dilemma that lives in the purifier's Jacobian (draws that agree on what
+the classifier wants of the purified image but map it back to the input differently) is then invisible: every
+draw looks alike. By default (`agreement="input"`) g_b is draw b's own input gradient J_b^T g_b, which the
+stacked draws give at no extra cost (one backward pass serves selection, E-step and M-step);
+`agreement="purified"` is the released variant. A draw is one evaluation of the defense: one purification, or
+for a voting defense one soft vote of its K purifications (the input variant attacks votes; the purified one,
+which needs the image a single purification makes, refuses them)."""
 
 from __future__ import annotations
 
@@ -22,6 +30,7 @@ from .base import AttackContext
 from .pgd import EOTPGD, loss_of
 
 LOSSES = ("margin", "dlr")
+AGREEMENTS = ("input", "purified")
 
 
 class DiffHammer(EOTPGD):
@@ -30,7 +39,7 @@ class DiffHammer(EOTPGD):
 
     def __init__(self, model, norm: str = "Linf", eps: float = 8 / 255, steps: int = 100, eot: int = 8,
                  loss: str = "margin", lam: float = 5.0, smooth: float = 0.5, seed: int = 0,
-                 eot_batch: int | None = None):
+                 eot_batch: int | None = None, agreement: str = "input"):
         super().__init__(model, norm, eps, steps, eot, loss, seed=seed, best=True)
         if loss not in LOSSES:
             raise InputError(f"DiffHammer weighs draws by how near they are to being fooled: loss margin or dlr, "
@@ -38,9 +47,12 @@ class DiffHammer(EOTPGD):
         if eot_batch is not None and eot_batch < eot:
             raise InputError(f"DiffHammer weighs the {eot} draws of a step together: eot_batch {eot_batch} < eot "
                              "cannot be split; lower eot instead")
-        if getattr(model, "votes", 1) > 1:
-            raise InputError("DiffHammer attacks single purifications; a defense with votes > 1 is not supported")
-        self.lam, self.smooth = lam, smooth
+        if agreement not in AGREEMENTS:
+            raise InputError(f"unknown agreement {agreement!r}; known: {', '.join(AGREEMENTS)}")
+        if agreement == "purified" and getattr(model, "votes", 1) > 1:
+            raise InputError("agreement 'purified' reads the image one purification makes; a voting defense needs "
+                             "agreement 'input' (a draw: one soft vote of its K purifications)")
+        self.lam, self.smooth, self.agreement = lam, smooth, agreement
 
     def unit(self, g: torch.Tensor) -> torch.Tensor:
         """The steepest-ascent direction of one unit step under the norm (rows of g: flattened gradients)."""
@@ -48,23 +60,40 @@ class DiffHammer(EOTPGD):
 
     def draws(self, x: torch.Tensor, y: torch.Tensor, grad: bool = True):
         """Losses (N x n), fooled (N x n) and, with `grad`, the EM-weighted input gradient, from N stacked draws."""
-        n, N = len(x), self.eot
-        purifier, classifier = getattr(self.model, "purifier", None), getattr(self.model, "classifier", self.model)
+        n, N, shape = len(x), self.eot, (-1,) + (1,) * (x.dim() - 1)
         x_ = x.detach().repeat(N, *([1] * (x.dim() - 1))).requires_grad_(grad)
+        purified = self.agreement == "purified"
         with torch.enable_grad() if grad else torch.no_grad():
-            u = purifier(x_) if purifier is not None else x_
-            logits = classifier(u)
+            if purified:
+                purifier, classifier = getattr(self.model, "purifier", None), getattr(self.model, "classifier", self.model)
+                u = purifier(x_) if purifier is not None else x_
+                logits = classifier(u)
+            else:
+                logits = self.get_logits(x_)  # one evaluation of the defense per row: a purification, or a vote
             loss = loss_of(self.loss, logits, y.repeat(N))
-        fooled = (logits.argmax(1) != y.repeat(N)).view(N, n)
-        if not grad:
-            return loss.detach().view(N, n), fooled, None
-        g_u = torch.autograd.grad(loss.sum(), u, retain_graph=True)[0].reshape(N, n, -1)  # each draw's own gradient
+        fooled = (logits.detach().argmax(1) != y.repeat(N)).view(N, n)
         L = loss.detach().view(N, n)
-        cross = torch.einsum("and,bnd->abn", self.unit(g_u), g_u)  # <unit(g_a), g_b> per example
+        if not grad:
+            return L, fooled, None
+        if purified:
+            g_u = torch.autograd.grad(loss.sum(), u, retain_graph=True)[0].reshape(N, n, -1)
+            w = self.weights(L, g_u)
+            g = torch.autograd.grad((w.view(-1) * loss).sum(), x_)[0].view(N, *x.shape).sum(0)
+        else:
+            g_x = torch.autograd.grad(loss.sum(), x_)[0].view(N, *x.shape)  # each draw's own input gradient
+            w = self.weights(L, g_x.flatten(2))
+            g = (w.view(N, *shape) * g_x).sum(0)
+        return L, fooled, g
+
+    def weights(self, L: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """The E-step's weights w_b / sum_b w_b (N x n) from each draw's loss and gradient (N x n x d): the selected
+        draw a* is the one whose unit step raises the others' first-order losses most. Normalized in log space:
+        far from fooling every sigmoid underflows to 0, and 0 / 0 would stop the attack."""
+        n = L.shape[1]
+        cross = torch.einsum("and,bnd->abn", self.unit(g), g)  # <unit(g_a), g_b> per example
         a_star = F.elu(L.unsqueeze(0) + self.eps * cross).sum(1).argmax(0)  # n
-        w = torch.sigmoid(self.lam * (L + self.eps * cross[a_star, :, torch.arange(n, device=cross.device)].T))  # N x n
-        g = torch.autograd.grad((w.view(-1) * loss).sum(), x_)[0].view(N, *x.shape).sum(0)
-        return L, fooled, g / w.sum(0).view(-1, *([1] * (x.dim() - 1)))
+        z = self.lam * (L + self.eps * cross[a_star, :, torch.arange(n, device=cross.device)].T)
+        return F.logsigmoid(z).softmax(0)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         x, y = images.detach().to(self.device), labels.detach().to(self.device)
@@ -87,6 +116,6 @@ class DiffHammer(EOTPGD):
         return best
 
 
-def build_diffhammer(model, ctx: AttackContext):
+def build_diffhammer(model, ctx: AttackContext, agreement: str = "input"):
     return DiffHammer(model, ctx.norm, ctx.eps, ctx.steps, eot=ctx.eot, loss=ctx.loss or "margin", seed=ctx.seed,
-                      eot_batch=ctx.eot_batch)
+                      eot_batch=ctx.eot_batch, agreement=agreement)

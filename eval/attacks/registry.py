@@ -117,7 +117,12 @@ for _spec in (
                          "best iterate (on the source)", target=transfer_target, losses=LOSSES),
     AttackSpec("diffhammer", 100, True, build_diffhammer,
                lambda c: f"{c.steps} steps x {c.eot} draws, EM-selected weighted full gradient (DiffHammer), "
-                         f"{c.loss or 'margin'} loss, best iterate by draws fooled", losses=HAMMER_LOSSES),
+                         f"agreement on each draw's input gradient, {c.loss or 'margin'} loss, best iterate by draws "
+                         "fooled", losses=HAMMER_LOSSES),
+    AttackSpec("diffhammer-grafted", 100, True, lambda m, c: build_diffhammer(m, c, "purified"),
+               lambda c: f"{c.steps} steps x {c.eot} draws, DiffHammer with agreement at the purified image (the "
+                         f"released code's), {c.loss or 'margin'} loss, best iterate by draws fooled",
+               losses=HAMMER_LOSSES),
     AttackSpec("cw", 100, True, lambda m, c: build_eotpgd(m, c, "margin"),
                lambda c: f"{c.steps} steps on the CW margin loss, best iterate"),
     AttackSpec("mim", 10, True, lambda m, c: torchattacks.MIFGSM(m, eps=c.eps, alpha=c.eps / c.steps,
