@@ -3,6 +3,8 @@
 import json
 
 import pytest
+import torch
+import torch.nn as nn
 
 from core.errors import InputError
 from eval import Budget, Defended, evaluate
@@ -77,7 +79,10 @@ def test_robustness_report_carries_each_defenses_ladder(folders, tmp_path):  # n
     assert report["defenses"]["undefended"]["ladder"]["attack"] == "pgd"
     md = (tmp_path / "rob" / "report.md").read_text()
     assert "## Convergence of the attacks" in md and "| 4 x 1 |" in md
-    assert (f"Converged at **{cm['converged']}**" if cm["converged"] else "**Not converged**") in md
+    assert (f"Levels off at **{cm['converged']}**" if cm["converged"] else "**Does not level off**") in md
+    assert cm["second"]["attack"] == "apgd-eot" and "Second optimizer: apgd-eot at 4 x 1" in md
+    assert not cm["shown_converged"] and "fewer than 100" in " ".join(cm["not_shown_because"])
+    assert "**Not shown converged**" in md
     assert f"Robust under every rung: {100 * cm['every_rung']:.1f} ± " in md
     assert [r["eot"] for r in report["defenses"]["undefended"]["ladder"]["rungs"]] == [1, 1, 1]  # no EOT there
 
@@ -126,3 +131,36 @@ def test_escalate_must_name_a_purified_defense(folders, tmp_path):  # noqa: F811
     with pytest.raises(SystemExit, match="escalate names undefended"):
         main(["robustness", "--config", str(_config(root, clf_dir, escalate=["undefended"])), "--out",
               str(tmp_path / "x")])
+
+
+class Trap(nn.Module):
+    """A deterministic model whose margin along the mean perturbation s (in units of eps = 0.1) has a local maximum
+    at s = 0.3, a valley beyond it and the fooling region past s = 0.8 (`monotone`: no trap, never fooled)."""
+
+    def __init__(self, monotone: bool = False):
+        super().__init__()
+        self.monotone = monotone
+
+    def forward(self, x):
+        s = (x - 0.5).flatten(1).mean(1) / 0.1
+        margin = -1 + 0.1 * s if self.monotone else (
+            -1 + 0.6 * torch.exp(-((s - 0.3) / 0.1) ** 2) + 2 * torch.sigmoid((s - 0.8) / 0.03))
+        return torch.stack([torch.zeros_like(margin), margin], 1)
+
+
+@pytest.mark.parametrize("monotone", [False, True])
+def test_a_ladder_is_shown_converged_only_where_a_second_optimizer_agrees(monotone):
+    """Fixed-step PGD climbs to the trap at every rung and stays (the ladder levels off); APGD's schedule, whose
+    first step is 2 eps, jumps the valley and breaks every example: not shown converged. Without the trap both
+    optimizers agree, and a ladder reaching 100 steps is shown converged."""
+    x, y = torch.full((16, 1, 4, 4), 0.5), torch.zeros(16, dtype=torch.long)
+    b = Budget(attacks=["pgd-eot"], losses={"pgd-eot": "margin"}, check_steps=False, batch_size=16)
+    lad = run_ladder(Trap(monotone), x, y, "pgd-eot", [[25, 1], [50, 1], [100, 1]], b, eps=0.1)
+    assert lad["converged"] == "25x1" and lad["every_rung"] == 1.0  # one optimizer: it looks converged
+    assert lad["second"]["attack"] == "apgd-eot"
+    if monotone:
+        assert lad["second"]["agrees"] and lad["shown_converged"] and lad["not_shown_because"] == []
+    else:
+        assert lad["second"]["worst"] == 0.0 and not lad["second"]["agrees"]
+        assert not lad["shown_converged"] and "apgd-eot at the largest budget lowers it by 100.0" in \
+            lad["not_shown_because"][0]

@@ -31,6 +31,9 @@ class Budget:
     check_n: int | None = None  # examples of that rerun (None: all)
     ladder: list = field(default_factory=list)  # [[steps, eot], ...]: the primary attack at each, a convergence report
     ladder_attack: str | None = None  # the attack the ladder climbs (None: the primary, pgd-eot or pgd)
+    # a second optimizer at the ladder's largest budget, which must agree within one paired standard error (None:
+    # apgd-eot, or pgd-eot when the ladder climbs apgd-eot; "none": no second optimizer, and no convergence shown)
+    ladder_second: str | None = None
     tolerance: float = 0.02  # slack of the gradient-masking flags, before the standard errors
     batch_size: int = 64
     seed: int = 0
@@ -67,6 +70,8 @@ def check_budget(b: Budget, norm: str) -> None:
                          f"{', '.join(ATTACKS)}")
     for a, loss in b.losses.items():
         check_loss(a, loss)
+    if b.ladder_second not in (None, "none"):
+        check_attack(b.ladder_second, norm)
     if any(not v > 0 for v in b.attack_eps.values()):
         raise InputError(f"attack_eps must be positive, got {b.attack_eps}")
     if b.eot_batch is not None and b.eot_batch < 1:

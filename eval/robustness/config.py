@@ -49,8 +49,9 @@ def defenses(cfg: EvalConfig) -> list[dict]:
             check_attack(a, cfg.norm)
         if budget.ladder:
             check_ladder(budget.ladder)
-            if budget.ladder_attack:
-                check_attack(budget.ladder_attack, cfg.norm)
+            for a in (budget.ladder_attack, budget.ladder_second):
+                if a not in (None, "none"):
+                    check_attack(a, cfg.norm)
         out.append({"label": d["label"], "purifier": d["purifier"], "budget": budget})
     return out
 
