@@ -198,22 +198,31 @@ def _plain(v) -> bool:
 
 
 def _attributes(m) -> tuple[dict, list[str]]:
-    """A module's own public attributes, as ({name: plain value or its digest}, [names of the others])."""
+    """A module's own public attributes, as ({name: plain value or its digest}, [names of the others]). An object
+    whose only description is its address (a lambda, a partial, a container of plain objects) is among the others."""
+    import numpy as np
+
     plain, other = {}, []
     for k, v in vars(m).items():
-        if k.startswith("_") or k in ("training", "seed") or isinstance(v, torch.Generator):
+        if k.startswith("_") or k in ("training", "seed") or _randomness(v):
             continue  # randomness is reseeded per record, never a setting
         if _plain(v):
             plain[k] = json.loads(json.dumps(v, default=str))
-        elif isinstance(v, torch.Tensor):
-            plain[k] = tensor_digest(v)
-        elif callable(v) and hasattr(v, "__qualname__") and "<" not in v.__qualname__:
+        elif isinstance(v, torch.Tensor) or isinstance(v, np.ndarray) and v.dtype.kind in "biuf":
+            plain[k] = tensor_digest(torch.as_tensor(v))
+        elif callable(v) and "<" not in getattr(v, "__qualname__", "<"):
             plain[k] = f"{getattr(v, '__module__', '')}.{v.__qualname__}"  # a named function or class
-        elif type(v).__repr__ is not object.__repr__:
+        elif type(v).__repr__ is not object.__repr__ and " at 0x" not in repr(v):
             plain[k] = repr(v)
         else:
             other.append(k)
     return plain, other
+
+
+def _randomness(v) -> bool:
+    """A generator, or a container holding only generators (a purifier's per-device generators)."""
+    items = list(v.values()) if isinstance(v, dict) else list(v) if isinstance(v, (list, tuple)) else [v]
+    return isinstance(v, torch.Generator) or bool(items) and all(isinstance(u, torch.Generator) for u in items)
 
 
 def fingerprint(folder: str | Path) -> str:

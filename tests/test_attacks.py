@@ -287,21 +287,21 @@ class Sum(nn.Module):
         return 50 * torch.stack([f, -f], 1)
 
 
-def test_diffhammer_sees_a_dilemma_inside_the_purifier_that_the_grafted_variant_misses():
+def test_diffhammer_sees_a_dilemma_inside_the_purifier_that_the_purified_variant_misses():
     """Agreement measured on each draw's input gradient finds the draw to follow; at the purified image every draw
     looks alike and the weighted gradient cancels, as EOT's does."""
     x = (0.5 + 0.02 * torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
     y = torch.zeros(64, dtype=torch.long)
-    steps = {a: 20 for a in ("pgd-eot", "diffhammer", "diffhammer-grafted")}
+    steps = {a: 20 for a in ("pgd-eot", "diffhammer", "diffhammer-purified")}
     r = evaluate(Defended(Flips(), Sum()), x, y, attacks=list(steps), eps=0.05, evals=4, eot=4, steps=steps,
                  losses={"pgd-eot": "margin"}, check_steps=False, progress=None)
     broken = {a: 1 - s["worst"] for a, s in r["attacks"].items()}
     assert r["clean"]["worst"] == 1.0
     assert broken["diffhammer"] >= 0.35, broken
-    assert broken["diffhammer-grafted"] <= 0.15 and broken["pgd-eot"] <= 0.15, broken
+    assert broken["diffhammer-purified"] <= 0.15 and broken["pgd-eot"] <= 0.15, broken
 
 
-def test_diffhammer_attacks_a_vote_one_soft_vote_a_draw_and_the_grafted_variant_refuses_it():
+def test_diffhammer_attacks_a_vote_one_soft_vote_a_draw_and_the_purified_variant_refuses_it():
     x = (0.5 + 0.02 * torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
     y = torch.zeros(8, dtype=torch.long)
     voted = Defended(Flips(), Sum(), votes=3)

@@ -333,3 +333,20 @@ def test_teacher_config_chooses_the_step_variance_and_defaults_to_diffpures(tmp_
         validate(TeacherConfig(scheduler=NoiseScheduleConfig(variance_type="learned")))
     for path in ("configs/digits/teacher.yaml", "configs/cifar10/teacher.yaml", "configs/cifar10/teacher-cpu.yaml"):
         assert load_config(TeacherConfig, path).scheduler.variance_type == "fixed_large", path
+
+
+def test_a_module_holding_a_lambda_has_one_digest_and_is_named_as_unreadable():
+    """An object described only by its address (a lambda, a dict of generators) never enters the digest: the
+    digest stays the same from instance to instance (and process to process), and the lambda is named."""
+    from core.io import undigested
+
+    class Hooked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fn, self.gens, self.table = (lambda x: x), {"cpu": torch.Generator()}, torch.arange(3.0).numpy()
+
+        def forward(self, x):
+            return self.fn(x)
+
+    assert module_digest(Hooked()) == module_digest(Hooked())
+    assert undigested(Hooked()) == ["fn"]

@@ -15,9 +15,10 @@ through the selected draw's chain). A dilemma that lives in the purifier's Jacob
 the classifier wants of the purified image but map it back to the input differently) is then invisible: every
 draw looks alike. By default (`agreement="input"`) g_b is draw b's own input gradient J_b^T g_b, which the
 stacked draws give at no extra cost (one backward pass serves selection, E-step and M-step);
-`agreement="purified"` is the released variant. A draw is one evaluation of the defense: one purification, or
-for a voting defense one soft vote of its K purifications (the input variant attacks votes; the purified one,
-which needs the image a single purification makes, refuses them)."""
+`agreement="purified"` measures it where the released code does (its M-step stays exact here). A draw is one
+evaluation of the defense: one purification, or for a voting defense one soft vote of its K purifications (the
+input variant attacks votes; the purified one, which needs the image a single purification makes, refuses
+them)."""
 
 from __future__ import annotations
 

@@ -119,7 +119,7 @@ for _spec in (
                lambda c: f"{c.steps} steps x {c.eot} draws, EM-selected weighted full gradient (DiffHammer), "
                          f"agreement on each draw's input gradient, {c.loss or 'margin'} loss, best iterate by draws "
                          "fooled", losses=HAMMER_LOSSES),
-    AttackSpec("diffhammer-grafted", 100, True, lambda m, c: build_diffhammer(m, c, "purified"),
+    AttackSpec("diffhammer-purified", 100, True, lambda m, c: build_diffhammer(m, c, "purified"),
                lambda c: f"{c.steps} steps x {c.eot} draws, DiffHammer with agreement at the purified image (the "
                          f"released code's), {c.loss or 'margin'} loss, best iterate by draws fooled",
                losses=HAMMER_LOSSES),

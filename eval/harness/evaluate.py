@@ -237,10 +237,11 @@ def _settings(p: Plan, b: Budget, norm: str, eps: float, x, y, model, transfer_s
             "losses": {a: b.losses[a] for a in sorted(b.losses) if a in b.attacks}, "eot_batch": b.eot_batch,
             "pgd": "best iterate (fooled first), batched eot, apgd-eot in autoattack-rand",  # how PGD-EOT crafts
             "seeds": "derive_seed(seed, job, batch[, score])",  # how every draw is seeded
-            "diffhammer": "agreement on each draw's input gradient, weights normalized in log space",
             "jobs": [[j.key, j.eps, j.steps, j.n] for j in p.jobs],
             "images": tensor_digest(x, y), "model": module_digest(model),
-            "transfer_source": module_digest(transfer_source) if "transfer" in b.attacks else None}
+            "transfer_source": module_digest(transfer_source) if "transfer" in b.attacks else None,
+            **({"diffhammer": "weights normalized in log space; agreement as its name says"}
+               if any(a.startswith("diffhammer") for a in b.attacks) else {})}
 
 
 def _probe(model, x, y, b: Budget, runner: "_Runner") -> dict:

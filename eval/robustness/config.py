@@ -12,7 +12,7 @@ from core.zoo import is_named
 from ..attacks import ATTACKS, NORMS, check_attack
 from ..defended import defense_entries
 from ..harness import Budget, with_changes
-from .ladder import check_ladder
+from .ladder import check_ladder, ladder_attack, second_optimizer
 
 
 @dataclass
@@ -49,9 +49,11 @@ def defenses(cfg: EvalConfig) -> list[dict]:
             check_attack(a, cfg.norm)
         if budget.ladder:
             check_ladder(budget.ladder)
-            for a in (budget.ladder_attack, budget.ladder_second):
-                if a not in (None, "none"):
-                    check_attack(a, cfg.norm)
+            if budget.ladder_attack:
+                check_attack(budget.ladder_attack, cfg.norm)
+            attack = ladder_attack(budget, d["purifier"] is not None)
+            if attack:
+                second_optimizer(budget, attack)
         out.append({"label": d["label"], "purifier": d["purifier"], "budget": budget})
     return out
 
