@@ -310,3 +310,44 @@ def test_diffhammer_attacks_a_vote_one_soft_vote_a_draw_and_the_purified_variant
     assert L.shape == (2, 8) and g.shape == x.shape and torch.isfinite(g).all()
     with pytest.raises(InputError, match="voting defense"):
         DiffHammer(voted, "Linf", 0.05, steps=2, eot=2, agreement="purified")
+
+
+class Scale(nn.Module):
+    """A deterministic 'purifier' x -> 0.5 + k (x - 0.5), its own generator unused: value and gradient known."""
+
+    def __init__(self, k: float):
+        super().__init__()
+        self.k = k
+
+    def manual_seed(self, seed):
+        return self
+
+    def forward(self, x):
+        return 0.5 + self.k * (x - 0.5)
+
+
+def test_the_surrogate_attack_follows_the_surrogates_gradient_and_is_scored_on_the_defense():
+    from eval.attacks.pgd import surrogate_target
+
+    torch.manual_seed(0)
+    clf = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    defense, surrogate = Defended(Scale(-1.0), clf), Defended(Scale(2.0), clf)
+    target = surrogate_target(defense, surrogate)
+    x = torch.rand(4, 1, 4, 4, requires_grad=True)
+    out = target(x)
+    assert torch.allclose(out, defense(x))  # the value: the defense's
+    g = torch.autograd.grad(out.logsumexp(1).sum(), x)[0]
+    x2 = x.detach().clone().requires_grad_(True)  # the gradient: the surrogate's chain at the defense's value
+    u = Scale(2.0)(x2)
+    g_want = torch.autograd.grad(clf(u + (Scale(-1.0)(x2) - u).detach()).logsumexp(1).sum(), x2)[0]
+    assert torch.allclose(g, g_want) and not torch.allclose(g, torch.autograd.grad(
+        defense(x2).logsumexp(1).sum(), x2)[0])
+    # in the harness: crafted on the surrogate's gradient, scored on the defense (a surrogate that points the
+    # wrong way, k = -1 against +1, leaves what the defense's own gradient breaks)
+    y = clf(Scale(1.0)(x)).argmax(1).detach()
+    r = evaluate(Defended(Scale(1.0), clf), x.detach(), y, attacks=["pgd-eot", "surrogate-eot"], eps=0.3, evals=1,
+                 eot=1, steps={"pgd-eot": 10, "surrogate-eot": 10}, transfer_source=Defended(Scale(-1.0), clf),
+                 check_steps=False, progress=None)
+    assert r["attacks"]["surrogate-eot"]["worst"] > r["attacks"]["pgd-eot"]["worst"]
+    with pytest.raises(InputError, match="transfer_source"):
+        evaluate(Defended(Scale(1.0), clf), x.detach(), y, attacks=["surrogate-eot"], eps=0.3, progress=None)

@@ -194,6 +194,27 @@ def build_apgd_eot(model, ctx: AttackContext, loss: str = "dlr"):
                         schedule="apgd")
 
 
+class SurrogateGrad(nn.Module):
+    """The surrogate process (Lee & Kim, ICCV 2023): the defense's purification forward, the surrogate's (a
+    shorter purifier, e.g. a student of the teacher) backward. Both draw from their own generators, so the value
+    is exactly the defense's and the gradient exactly the surrogate's."""
+
+    def __init__(self, purifier: nn.Module, surrogate: nn.Module):
+        super().__init__()
+        self.purifier, self.surrogate = purifier, surrogate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        through = self.surrogate(x)
+        with torch.no_grad():
+            out = self.purifier(x)
+        return through + (out - through).detach()
+
+
+def surrogate_target(model: Defended, transfer_source) -> nn.Module:
+    """The defense with the transfer source's purifier as its backward pass."""
+    return Defended(SurrogateGrad(model.purifier, transfer_source.purifier), model.classifier, model.votes)
+
+
 def bpda_target(model: Defended, transfer_source=None) -> nn.Module:
     return Defended(BPDA(model.purifier), model.classifier, model.votes)
 

@@ -19,7 +19,7 @@ from .base import NORMS, AttackContext, check_norm
 from .diffhammer import LOSSES as HAMMER_LOSSES
 from .diffhammer import build_diffhammer
 from .minimal import build_cw_l2, build_deepfool
-from .pgd import LOSSES, bpda_target, build_apgd_eot, build_eotpgd, build_pgd, transfer_target
+from .pgd import LOSSES, bpda_target, build_apgd_eot, build_eotpgd, build_pgd, surrogate_target, transfer_target
 
 # Linf / L2 budgets on [0, 1] pixels: CIFAR-10 8/255 and 0.5 as in DiffPure; the ImageNet family 4/255
 # (DiffPure; GUARD also reports 1/255: pass eps=0.00392); digits 0.1, where PGD breaks the bare ConvNet.
@@ -115,6 +115,10 @@ for _spec in (
     AttackSpec("transfer", 100, False, build_eotpgd,
                lambda c: f"pgd-eot on the source defense, {c.steps} steps x EOT {c.eot}, {c.loss or 'ce'} loss, "
                          "best iterate (on the source)", target=transfer_target, losses=LOSSES),
+    AttackSpec("surrogate-eot", 100, True, build_eotpgd,
+               lambda c: f"{c.steps} steps x EOT {c.eot}, the defense's purification forward and the transfer "
+                         f"source's backward (the surrogate process), {c.loss or 'ce'} loss, best iterate",
+               needs_purifier=True, target=surrogate_target, losses=LOSSES),
     AttackSpec("diffhammer", 100, True, build_diffhammer,
                lambda c: f"{c.steps} steps x {c.eot} draws, EM-selected weighted full gradient (DiffHammer), "
                          f"agreement on each draw's input gradient, {c.loss or 'margin'} loss, best iterate by draws "

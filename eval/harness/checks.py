@@ -40,13 +40,13 @@ MEANINGS = {
                                       "lost examples, beyond chance, to transfer from the reference or to Square "
                                       "that its own full-gradient attacks left: its gradients mislead the "
                                       "attacker, and its figure stood above the reference only for that reason.",
-    "approximation-beats-full-gradient": "BPDA or a transfer attack broke examples the full-gradient attack "
+    "approximation-beats-full-gradient": "BPDA, a transfer or a surrogate attack broke examples the full-gradient attack "
                                          "left, beyond chance (paired, the same examples): the exact gradient "
                                          "is less useful than an approximation of it, the signature of "
                                          "obfuscated gradients; the full-gradient number overstates robustness.",
 }
 SUITES = ("autoattack", "autoattack-rand")
-APPROXIMATIONS = ("bpda-eot", "transfer")
+APPROXIMATIONS = ("bpda-eot", "transfer", "surrogate-eot")
 SIMPLER = ("pgd", "pgd-eot")
 
 
@@ -177,7 +177,7 @@ def _suite_check(attacks: dict, stochastic: bool, tol) -> dict:
 def _approximation_check(paired: dict, base_tol: float, level: float = 0.05) -> dict:
     """`paired`: attack -> {broken, recovered, approx, exact} against pgd-eot, worst case over R per example."""
     if not paired:
-        return flag("approximation-beats-full-gradient", None, "pgd-eot was not run beside bpda-eot or transfer")
+        return flag("approximation-beats-full-gradient", None, "pgd-eot was not run beside bpda-eot, transfer or surrogate-eot")
     raised, parts = False, []
     for a, d in paired.items():
         p = sign_test(d["broken"], d["recovered"])

@@ -29,6 +29,8 @@ from .checks import APPROXIMATIONS, accuracy_checks, flag, gradient_probe, seed_
 from .memory import checkpoint_share
 from .records import open_records, run_records
 
+SOURCED = ("transfer", "surrogate-eot")  # the attacks that read transfer_source
+
 
 @dataclass(frozen=True)
 class Job:
@@ -168,8 +170,10 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks=None, *
     norm = norm or "Linf"
     eps = eps if eps is not None else preset_eps(dataset or "", norm)
     check_budget(b, norm)
-    if "transfer" in b.attacks and transfer_source is None:
-        raise InputError("the transfer attack needs transfer_source (the defense to craft the examples on)")
+    sourced = [a for a in b.attacks if a in SOURCED]
+    if sourced and transfer_source is None:
+        raise InputError(f"{' and '.join(sourced)} need(s) transfer_source (the defense to craft on, or whose purifier "
+                         "is the surrogate)")
     x, y = check_batch(x, y)
     acc = accelerator or make_accelerator()
     model, transfer_source, x, y = _on_device(model, transfer_source, x, y, acc.device)
@@ -183,7 +187,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks=None, *
     records = {}
     if out is not None:
         settings = _settings(p, b, norm, eps, x, y, model, transfer_source)
-        models = [model, transfer_source] if "transfer" in b.attacks else [model]
+        models = [model, transfer_source] if set(b.attacks) & set(SOURCED) else [model]
         records = {(r["key"], r["batch"]): r for r in open_records(out, settings, "attack records", acc, models)}
         if acc.is_main_process:
             runner.samples_dir.mkdir(parents=True, exist_ok=True)
@@ -239,7 +243,7 @@ def _settings(p: Plan, b: Budget, norm: str, eps: float, x, y, model, transfer_s
             "seeds": "derive_seed(seed, job, batch[, score])",  # how every draw is seeded
             "jobs": [[j.key, j.eps, j.steps, j.n] for j in p.jobs],
             "images": tensor_digest(x, y), "model": module_digest(model),
-            "transfer_source": module_digest(transfer_source) if "transfer" in b.attacks else None,
+            "transfer_source": module_digest(transfer_source) if set(b.attacks) & set(SOURCED) else None,
             **({"diffhammer": "weights normalized in log space; agreement as its name says"}
                if any(a.startswith("diffhammer") for a in b.attacks) else {})}
 

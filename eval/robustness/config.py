@@ -29,7 +29,7 @@ class EvalConfig:
     eps: float | None = None  # None: the dataset's preset (eval.attacks.EPS_PRESETS)
     budget: Budget = field(default_factory=lambda: Budget(
         attacks=["pgd", "autoattack", "pgd-eot", "bpda-eot"], n=256, evals=3, sweep_n=64, check_n=64))
-    transfer_from: str | None = None  # purifier folder the transfer attack crafts on
+    transfer_from: str | None = None  # purifier folder the transfer attack crafts on (surrogate-eot: its backward)
     grad_checkpoint: str = "auto"  # auto: on for purifiers with more than 8 steps; "true" / "false"
     # labels of reference rows (the teacher, plain distillation): a defense above one is attacked again by
     # transfer from each reference and by Square (eval/robustness/escalate.py); crafting on a 100-step teacher costs its attack
@@ -79,8 +79,9 @@ def check(cfg: EvalConfig) -> list[dict]:
         if missing or (cfg.scores and len(scored(cfg.scores, d["budget"].attacks)) < 2):
             raise InputError(f"scores needs two or more attacks of the budget of {d['label']}" +
                              (f"; it does not run {', '.join(missing)}" if missing else ""))
-    if any(a == "transfer" for d in plan for a in d["budget"].attacks) and not cfg.transfer_from:
-        raise InputError("the transfer attack needs transfer_from: the purifier folder to craft the examples on")
+    if any(a in ("transfer", "surrogate-eot") for d in plan for a in d["budget"].attacks) and not cfg.transfer_from:
+        raise InputError("the transfer and surrogate-eot attacks need transfer_from: the purifier folder to craft the "
+                         "examples on, or whose backward pass the surrogate attack follows")
     return plan
 
 
