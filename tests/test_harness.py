@@ -22,7 +22,7 @@ from purify import DiffPure, Purifier
 
 from .conftest import digits_cnn, scheduler_config, tiny_unet
 
-FEW = {"pgd": 10, "pgd-eot": 10, "bpda-eot": 10, "transfer": 10, "cw": 10, "autoattack": 5, "autoattack-rand": 5}
+FEW = {"pgd": 10, "pgd-eot": 10, "bpda-eot": 10, "transfer": 10, "surrogate-eot": 10, "cw": 10, "autoattack": 5, "autoattack-rand": 5}
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ class Noise(Purifier):
 
 def test_every_attack_by_name_leaves_robust_at_most_clean(clf, data):
     x, y = data
-    bare = [a for a in ATTACKS if a not in ("bpda-eot", "transfer")]
+    bare = [a for a in ATTACKS if a not in ("bpda-eot", "transfer", "surrogate-eot")]
     r = evaluate(Defended(None, clf), x, y, bare, budget=Budget(attack_eps={"pgd-l2": 1.0}), eps=0.1, steps=FEW,
                  dataset="digits", queries=100,
                  sweep_eps=[0.05, 0.5], check_steps=False, progress=None)
@@ -73,7 +73,7 @@ def test_every_attack_by_name_leaves_robust_at_most_clean(clf, data):
     assert set(r["attacks"]["autoattack"]["broken_by"]) <= {"clean", "apgd-ce", "apgd-t", "fab-t", "square"}
 
     model = Defended(near_identity_purifier(), clf)
-    r = evaluate(model, x, y, ["pgd-eot", "bpda-eot", "transfer"], evals=1, eps=0.1, eot=2, steps=FEW,
+    r = evaluate(model, x, y, ["pgd-eot", "bpda-eot", "transfer", "surrogate-eot"], evals=1, eps=0.1, eot=2, steps=FEW,
                  transfer_source=Defended(near_identity_purifier(1), clf), check_steps=False, progress=None)
     for name, s in r["attacks"].items():
         assert s["average"] <= r["clean"]["average"], name

@@ -170,7 +170,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks=None, *
     norm = norm or "Linf"
     eps = eps if eps is not None else preset_eps(dataset or "", norm)
     check_budget(b, norm)
-    sourced = [a for a in b.attacks if a in SOURCED]
+    sourced = [a for a in b.attacks if a in SOURCED and (purifier_of(model) is not None or not ATTACKS[a].needs_purifier)]
     if sourced and transfer_source is None:
         raise InputError(f"{' and '.join(sourced)} need(s) transfer_source (the defense to craft on, or whose purifier "
                          "is the surrogate)")
