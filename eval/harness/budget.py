@@ -70,8 +70,6 @@ def check_budget(b: Budget, norm: str) -> None:
                          f"{', '.join(ATTACKS)}")
     for a, loss in b.losses.items():
         check_loss(a, loss)
-    if b.ladder_second not in (None, "none"):
-        check_attack(b.ladder_second, norm)  # that it is a valid second optimizer: eval/robustness/ladder.py
     if any(not v > 0 for v in b.attack_eps.values()):
         raise InputError(f"attack_eps must be positive, got {b.attack_eps}")
     if b.eot_batch is not None and b.eot_batch < 1:

@@ -48,11 +48,12 @@ def run_records(items: list, work: Callable, log: Path | None, acc, key: Callabl
     world, rank = acc.num_processes, acc.process_index
     done = 0 if total is None else total - len(items)
     bar = tqdm(total=total or len(items), initial=done, desc=desc, disable=desc is None or not acc.is_main_process)
+    if acc.is_main_process and log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
     for start in range(0, len(items), world):
         mine = items[start + rank] if start + rank < len(items) else None
         got = [r for r in gather_all(acc, work(mine) if mine is not None else None) if r is not None]
         if acc.is_main_process and log is not None:
-            log.parent.mkdir(parents=True, exist_ok=True)
             append_jsonl(log, got)
         for r in got:
             records[key(r)] = r

@@ -12,6 +12,7 @@ from core.zoo import is_named
 from ..attacks import ATTACKS, NORMS, check_attack
 from ..defended import defense_entries
 from ..harness import Budget, with_changes
+from ..harness.evaluate import SOURCED
 from .ladder import check_ladder, ladder_attack, second_optimizer
 
 
@@ -79,7 +80,7 @@ def check(cfg: EvalConfig) -> list[dict]:
         if missing or (cfg.scores and len(scored(cfg.scores, d["budget"].attacks)) < 2):
             raise InputError(f"scores needs two or more attacks of the budget of {d['label']}" +
                              (f"; it does not run {', '.join(missing)}" if missing else ""))
-    if any(a in ("transfer", "surrogate-eot") for d in plan for a in d["budget"].attacks) and not cfg.transfer_from:
+    if any(a in SOURCED for d in plan for a in d["budget"].attacks) and not cfg.transfer_from:
         raise InputError("the transfer and surrogate-eot attacks need transfer_from: the purifier folder to craft the "
                          "examples on, or whose backward pass the surrogate attack follows")
     return plan
